@@ -1,0 +1,3 @@
+from dimoe.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""Schema of `configs/model/*.yaml`: the DiMoE-VL architecture (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dimoe.config.base import StrictModel
+
+
+def image_token_count(image_size: int, patch_size: int, pool_2x2: bool) -> int:
+    """SigLIP's patch convolution floors the grid; 2×2 pooling rounds up (27×27 → 14×14)."""
+    grid = image_size // patch_size
+    return ((grid + 1) // 2) ** 2 if pool_2x2 else grid**2
+
+
+class VisionConfig(StrictModel):
+    """SigLIP vision tower + 2-layer GELU projector."""
+
+    image_size: int = Field(32, gt=0)
+    patch_size: int = Field(4, gt=0)
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(2, gt=0)
+    feature_layer: int = -1  # index into SigLIP's hidden states (-1 = last, -2 = LLaVA's choice)
+    pool_2x2: bool = True  # average-pool the patch grid 2×2: 4× fewer image tokens
+    pretrained_dir: str | None = None  # local SigLIP directory; None = random init from the fields above
+
+    @property
+    def num_image_tokens(self) -> int:
+        return image_token_count(self.image_size, self.patch_size, self.pool_2x2)
+
+
+class ModelConfig(StrictModel):
+    """Backbone in the LLaDA-MoE / OLMoE layout, bidirectional, plus the vision tower."""
+
+    name: str = "dimoe-vl"
+    vocab_size: int | None = Field(None, gt=0)  # None = taken from the tokenizer
+    hidden_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(4, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    num_experts: int = Field(8, gt=0)
+    num_experts_per_tok: int = Field(2, gt=0)
+    moe_intermediate_size: int = Field(128, gt=0)
+    shared_expert_intermediate_size: int = Field(0, ge=0)  # 0 = no shared expert
+    norm_topk_prob: bool = True
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = Field(512, gt=0)
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    attention: Literal["full", "prefix"] = "prefix"
+    vision: VisionConfig | None = Field(default_factory=VisionConfig)  # None = text-only model
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> ModelConfig:
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads (or set head_dim)")
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self

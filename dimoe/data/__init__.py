@@ -1,0 +1,1 @@
+"""Data: formats, chat template, tokenizer, synthetic demo set, normalize, blends, loaders."""

@@ -1,0 +1,73 @@
+"""Build, save and load DiMoE-VL checkpoints (HF-format directory with the tokenizer inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, PreTrainedTokenizerBase
+
+from dimoe.config.model import ModelConfig
+from dimoe.data.tokenizer import load_tokenizer, special_token_ids
+from dimoe.model.config import hf_config_from_spec
+from dimoe.model.importers import (
+    backbone_spec_from_llada,
+    import_llada_backbone,
+    import_siglip_vision,
+    vision_spec_from_siglip,
+)
+from dimoe.model.modeling import DiMoEVLModel
+
+
+def build_model(
+    spec: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    backbone_from: str | Path | None = None,
+    vision_from: str | Path | None = None,
+    seed: int = 0,
+) -> DiMoEVLModel:
+    """A DiMoE-VL model: random init from `spec`, or assembled from pretrained parts whose
+    architecture then overrides the spec's backbone / vision fields."""
+    if backbone_from is not None:
+        spec = backbone_spec_from_llada(backbone_from, spec)
+    vision_from = vision_from or (spec.vision.pretrained_dir if spec.vision else None)
+    if vision_from is not None:
+        if spec.vision is None:
+            raise ValueError("--vision-from given but the model config has `vision: null`")
+        spec = spec.model_copy(update={"vision": vision_spec_from_siglip(vision_from, spec.vision)})
+    vocab = max(len(tokenizer), spec.vocab_size or 0)
+    config = hf_config_from_spec(
+        spec.model_copy(update={"vocab_size": vocab}), special_token_ids(tokenizer), vocab
+    )
+    torch.manual_seed(seed)
+    model = DiMoEVLModel(config)
+    if backbone_from is not None:
+        import_llada_backbone(model, backbone_from)
+    if vision_from is not None:
+        import_siglip_vision(model, vision_from)
+    return model
+
+
+def save_checkpoint(model: DiMoEVLModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[DiMoEVLModel, PreTrainedTokenizerBase]:
+    """Load a checkpoint directory (model + tokenizer) in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} has no config.json (expected an HF-format directory written by "
+            "`dimoe model init` or `dimoe train run`)"
+        )
+    model = AutoModel.from_pretrained(str(path), dtype=dtype or torch.float32)
+    if not isinstance(model, DiMoEVLModel):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a DiMoE-VL model (model_type dimoe_vl)")
+    return model.to(device).eval(), load_tokenizer(path)

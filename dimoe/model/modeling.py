@@ -1,0 +1,240 @@
+"""DiMoE-VL: a bidirectional MoE transformer (LLaDA-MoE / OLMoE layout) with a SigLIP vision
+tower, read top to bottom:
+
+    tokens → embedding (image-token positions replaced by projected vision features)
+           → N × [RMSNorm → attention (RoPE, QK-RMSNorm) → + → RMSNorm → MoE FFN → +]
+           → RMSNorm → LM head → logits over the vocabulary at every position.
+
+The model predicts the clean token at every position in one bidirectional pass; masked-diffusion
+training and decoding live in `dimoe.diffusion` and only see logits and router outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from dimoe.model.attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
+from dimoe.model.config import DiMoEConfig
+from dimoe.model.moe import Experts, MoEBlock, RouterOutput, TopKRouter
+from dimoe.model.vision import VisionTower
+
+
+@dataclass
+class PrefixCache:
+    """Keys/values of the prefix (image + prompt) for every layer, valid only for `prefix`-mask
+    models: the prefix never attends to the response, so these never change during decoding."""
+
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
+    attention_mask: torch.Tensor  # [B, Lp] real-token mask of the prefix
+
+    def select(self, rows: torch.Tensor) -> PrefixCache:
+        """The cache of a subset of batch rows (for a decoder that drops finished sequences)."""
+        return PrefixCache([(k[rows], v[rows]) for k, v in self.key_values], self.attention_mask[rows])
+
+
+@dataclass
+class DiMoEOutput(ModelOutput):
+    logits: torch.Tensor | None = None  # [B, L, V]
+    router_logits: tuple[torch.Tensor, ...] | None = None  # per layer [B, L, E]
+    router_probs: tuple[torch.Tensor, ...] | None = None  # per layer [B, L, E], float32
+    router_topk: tuple[torch.Tensor, ...] | None = None  # per layer [B, L, k]
+    prefix_cache: PrefixCache | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DiMoEConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.qk_norm,
+            config.rms_norm_eps,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEBlock(
+            config.hidden_size,
+            config.moe_intermediate_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+            config.norm_topk_prob,
+            config.shared_expert_intermediate_size,
+        )
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        attn, own_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        x = x + attn
+        ffn, route = self.mlp(self.post_attention_layernorm(x))
+        return x + ffn, own_kv, route
+
+
+class DiMoEPreTrainedModel(PreTrainedModel):
+    config_class = DiMoEConfig
+    base_model_prefix = "dimoe"
+    _no_split_modules = ["DecoderLayer"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class DiMoEVLModel(DiMoEPreTrainedModel):
+    """The whole DiMoE-VL model; `AutoModel.from_pretrained(dir)` returns this class."""
+
+    def __init__(self, config: DiMoEConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vision = (
+            VisionTower(
+                config.vision_config, config.hidden_size, config.vision_feature_layer, config.vision_pool_2x2
+            )
+            if config.vision_config
+            else None
+        )
+        self.post_init()
+
+    # -- parameter groups, for per-group learning rates and freezing -------------------------------
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters split into `vision`, `projector`, `router` and `backbone`."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            g: [] for g in ("vision", "projector", "router", "backbone")
+        }
+        for name, param in self.named_parameters():
+            if name.startswith("vision.encoder."):
+                groups["vision"].append((name, param))
+            elif name.startswith("vision.projector."):
+                groups["projector"].append((name, param))
+            elif ".mlp.gate." in name:
+                groups["router"].append((name, param))
+            else:
+                groups["backbone"].append((name, param))
+        return groups
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] → image tokens [n, N, hidden]. Run once and pass as `image_features` to
+        reuse the same features for several noised views of a sample."""
+        if self.vision is None:
+            raise ValueError("this DiMoE-VL model has no vision tower (vision_config is null)")
+        return self.vision(pixel_values.to(self.dtype))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the image-token positions replaced by the image features.
+
+        Images are given for the rows that contain image tokens, in batch order, or for every row
+        (rows without image tokens are then ignored)."""
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        if not is_image.any():
+            return embeds
+        rows_with_image = is_image.any(dim=1)
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError(
+                    "input_ids contain image tokens but neither pixel_values nor image_features given"
+                )
+            if pixel_values.shape[0] == input_ids.shape[0]:
+                pixel_values = pixel_values[rows_with_image]
+            image_features = self.encode_images(pixel_values)
+        elif image_features.shape[0] == input_ids.shape[0]:
+            image_features = image_features[rows_with_image]
+        n_rows, n_tokens = int(rows_with_image.sum()), self.config.num_image_tokens
+        if image_features.shape[:2] != (n_rows, n_tokens):
+            raise ValueError(
+                f"{n_rows} rows have image tokens and need [{n_rows}, {n_tokens}, hidden] image features, "
+                f"got {tuple(image_features.shape)}"
+            )
+        if not torch.equal(
+            is_image[rows_with_image].sum(dim=1), torch.full((n_rows,), n_tokens, device=is_image.device)
+        ):
+            raise ValueError(f"every row with an image must hold exactly {n_tokens} image tokens")
+        embeds = embeds.clone()
+        embeds[is_image] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        prefix_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        prefix_cache: PrefixCache | None = None,
+        return_prefix_cache: bool = False,
+        **_: object,
+    ) -> DiMoEOutput:
+        """Logits for every position of `input_ids` [B, L].
+
+        attention_mask: [B, L] 1 for real tokens, 0 for padding (left padding expected).
+        prefix_mask: [B, L] True for image + prompt tokens; used when `config.attention == "prefix"`
+            (without it no token is prefix, i.e. full attention).
+        prefix_cache: keys/values of an already-encoded prefix; `input_ids` is then only the part
+            after it, and every token of it is a non-prefix token (it sees the prefix and itself).
+        return_prefix_cache: return this call's keys/values as a `PrefixCache` (call it on the
+            prefix alone).
+        """
+        b, length = input_ids.shape
+        device = input_ids.device
+        real = (
+            torch.ones(b, length, dtype=torch.bool, device=device)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        use_prefix = self.config.attention == "prefix" and prefix_mask is not None and prefix_cache is None
+        if prefix_cache is not None:
+            if self.config.attention != "prefix":
+                raise ValueError("a prefix cache is exact only for models trained with the `prefix` mask")
+            key_real = torch.cat([prefix_cache.attention_mask.bool(), real], dim=1)
+            positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
+        else:
+            key_real = real
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        query_prefix = prefix_mask.bool() & real if use_prefix else None
+        mask = build_attention_mask(key_real, query_prefix, query_prefix)
+
+        x = self.embed(input_ids, pixel_values, image_features)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        routes: list[RouterOutput] = []
+        own_kvs = []
+        for i, layer in enumerate(self.layers):
+            past = prefix_cache.key_values[i] if prefix_cache is not None else None
+            x, own_kv, route = layer(x, cos, sin, mask, past)
+            routes.append(route)
+            own_kvs.append(own_kv)
+        logits = self.lm_head(self.norm(x))
+
+        def per_layer(field: str) -> tuple[torch.Tensor, ...]:
+            return tuple(getattr(r, field).reshape(b, length, -1) for r in routes)
+
+        return DiMoEOutput(
+            logits=logits,
+            router_logits=per_layer("logits"),
+            router_probs=per_layer("probs"),
+            router_topk=per_layer("topk_index"),
+            prefix_cache=PrefixCache(own_kvs, real) if return_prefix_cache else None,
+        )

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from dimoe.config.loader import load_config
+from dimoe.config.model import ModelConfig
+from dimoe.data.tokenizer import train_tokenizer
+from dimoe.model.build import build_model
+
+COLOURS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+def corpus() -> list[str]:
+    lines = []
+    for i in range(300):
+        c, s = COLOURS[i % 4], SHAPES[i % 3]
+        lines.append(f"There is a {c} {s} at the {'left' if i % 2 else 'right'} of the image.")
+        lines.append(f"What is {i} plus {i % 7}? The answer is {i + i % 7}.")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(corpus(), 400, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> ModelConfig:
+    return load_config("configs/model/tiny.yaml", ModelConfig)
+
+
+@pytest.fixture
+def tiny_model(tiny_spec, tokenizer):
+    torch.manual_seed(0)
+    return build_model(tiny_spec, tokenizer).eval()
