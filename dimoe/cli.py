@@ -24,6 +24,10 @@ model_app = typer.Typer(help="Build and inspect model checkpoints.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+train_app = typer.Typer(help="Train curriculum stages on Ray Train + DeepSpeed.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+infer_app = typer.Typer(help="Batched diffusion decoding and its benchmark.", no_args_is_help=True)
+app.add_typer(infer_app, name="infer")
 
 F = TypeVar("F", bound=Callable[..., Any])
 SetOption = Annotated[
@@ -121,6 +125,102 @@ def model_info(checkpoint: Path) -> None:
 
     model, _ = load_checkpoint(checkpoint)
     print_json({"parameters": count_parameters(model).as_dict(), "config": model.config.to_dict()})
+
+
+# -- train -------------------------------------------------------------------------------------------
+@train_app.command("run")
+@user_errors
+def train_run(
+    config: Annotated[Path, typer.Option(help="Stage config, e.g. configs/train/tiny/stage2_full.yaml.")],
+    set_: SetOption = None,
+) -> None:
+    """Train one stage (re-running the same command resumes from its latest checkpoint)."""
+    from dimoe.config.loader import load_config
+    from dimoe.config.train import TrainConfig
+    from dimoe.train.launcher import run_stage
+
+    result = run_stage(load_config(config, TrainConfig, set_ or []))
+    print_json({"stage": result.stage, "final": str(result.final_dir), "logs": str(result.log_dir)})
+
+
+@train_app.command("all")
+@user_errors
+def train_all(
+    config_dir: Annotated[Path, typer.Option(help="Folder with stage0_naive … stage3_lownfe YAML.")] = Path(
+        "configs/train/tiny"
+    ),
+    set_: SetOption = None,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated subset of stages to run.")] = None,
+) -> None:
+    """Chain stage0 → stage1 → stage2 → stage3, each from the previous final checkpoint."""
+    from dimoe.train.launcher import load_curriculum, run_curriculum
+
+    results = run_curriculum(
+        load_curriculum(config_dir, set_ or []), stages=stages.split(",") if stages else None
+    )
+    print_json([{"stage": r.stage, "final": str(r.final_dir)} for r in results])
+
+
+# -- infer -------------------------------------------------------------------------------------------
+Preset = Annotated[str | None, typer.Option(help="fast | mid | best (8 / 16 / 32 steps).")]
+Strategy = Annotated[str | None, typer.Option(help="threshold (default) | llada.")]
+InferConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="Infer config (default configs/infer/default.yaml).")
+]
+
+
+@infer_app.command("generate")
+@user_errors
+def infer_generate(
+    checkpoint: Annotated[Path, typer.Option(help="HF-format checkpoint directory.")],
+    input: Annotated[
+        Path, typer.Option(help="prompts.json / prompts.jsonl: {id, prompt, image?} or {id, messages}.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output preds.jsonl.")],
+    preset: Preset = "mid",
+    strategy: Strategy = None,
+    steps: int | None = None,
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    temperature: float | None = None,
+    threshold: float | None = None,
+    batch_size: int | None = None,
+    config: InferConfigOpt = None,
+    set_: SetOption = None,
+) -> None:
+    """Generate answers for a prompt file with the batched diffusion decoder."""
+    from dimoe.infer.engine import run_generate
+
+    overrides = {"strategy": strategy, "steps": steps, "gen_length": gen_length, "block_length": block_length,
+                 "temperature": temperature, "threshold": threshold, "batch_size": batch_size}  # fmt: skip
+    summary = run_generate(
+        checkpoint, input, out, preset, overrides, progress=True, config_path=config, set_overrides=set_ or []
+    )
+    print_json(summary)
+
+
+@infer_app.command("benchmark")
+@user_errors
+def infer_benchmark(
+    checkpoint: Annotated[Path, typer.Option(help="HF-format checkpoint directory.")],
+    dataset_jsonl: Annotated[Path, typer.Option(help="Prompt file (same rows as `infer generate`).")],
+    out: Annotated[Path, typer.Option(help="Where to write bench.json.")] = Path("bench.json"),
+    preset: Preset = "mid",
+    strategy: Strategy = None,
+    batch_size: int | None = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    config: InferConfigOpt = None,
+    set_: SetOption = None,
+) -> None:
+    """Latency p50/p95, tokens/s, NFE and NFE × active params — the strategy beside `llada`."""
+    from dimoe.infer.benchmark import run_benchmark
+
+    print_json(
+        run_benchmark(
+            checkpoint, dataset_jsonl, preset, strategy, out=out, batch_size=batch_size, limit=limit,
+            config_path=config, set_overrides=set_ or [],
+        )
+    )  # fmt: skip
 
 
 @app.command("quickstart")

@@ -33,3 +33,16 @@ def tiny_spec() -> ModelConfig:
 def tiny_model(tiny_spec, tokenizer):
     torch.manual_seed(0)
     return build_model(tiny_spec, tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole session (2 CPUs, small object store)."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

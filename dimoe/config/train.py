@@ -1,0 +1,130 @@
+"""Schema of `configs/train/*.yaml`: one curriculum stage (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from dimoe.config.base import StrictModel
+
+GROUPS = ("vision", "projector", "backbone", "router")
+
+
+class GroupSpec(StrictModel):
+    train: bool = True
+    lr: float = Field(1e-4, ge=0)
+
+
+class OptimizerSpec(StrictModel):
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = 1e-8
+
+
+class ScheduleSpec(StrictModel):
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # WSD: the last fraction of steps decays
+
+
+class TimestepSpec(StrictModel):
+    kind: Literal["uniform", "band", "stratified", "logit_normal"] = "stratified"
+    t_min: float = Field(0.0, ge=0, le=1)
+    t_max: float = Field(1.0, ge=0, le=1)
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+
+
+class DiffusionSpec(StrictModel):
+    timesteps: TimestepSpec = Field(default_factory=TimestepSpec)
+    num_t_buckets: int = Field(4, ge=1)
+    views: Literal["complementary", "independent", "single"] = "complementary"
+    loss_weight: Literal["elbo", "uniform"] = "elbo"
+    loss_norm: Literal["token", "sequence", "batch"] = "sequence"
+    include_prompt_ratio: float = Field(0.0, ge=0, le=1)
+    mask_eps: float = Field(1e-3, gt=0, lt=1)
+
+
+class LossSpec(StrictModel):
+    lambda_bal: float = Field(0.01, ge=0)
+    stratified_balance: bool = True  # False: one global Switch balance loss (the naive baseline)
+    lambda_z: float = Field(1e-3, ge=0)
+    lambda_prior: float = Field(0.0, ge=0)
+    prior_momentum: float = Field(0.99, ge=0, lt=1)
+    lambda_cons: float = Field(0.0, ge=0)
+    lambda_cap: float = Field(0.0, ge=0)
+
+
+class DataSpec(StrictModel):
+    data_dir: str = "artifacts/data/v1"
+    blend: str = "stage2_full"
+    response_length: int = Field(
+        32, ge=1
+    )  # answers are EOS-padded to this (LLaDA SFT), so decoding learns to stop
+    shuffle_buffer: int = Field(256, ge=0)
+
+
+class DeepSpeedSpec(StrictModel):
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
+class ScalingSpec(StrictModel):
+    num_workers: int = Field(2, ge=0)  # 0 = run the loop in-process (fast unit tests)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class CheckpointSpec(StrictModel):
+    every_steps: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class TrainConfig(StrictModel):
+    stage: str
+    output_dir: str = "artifacts/train"
+    model: str | None = "configs/model/tiny.yaml"  # model config for a fresh init (with `tokenizer`)
+    tokenizer: str | None = None
+    init_from: str | None = None  # checkpoint dir (HF format) of the previous stage or pretrained parts
+    requires_init: bool = False  # stages that continue a previous stage refuse to start from scratch
+    groups: dict[str, GroupSpec] = Field(default_factory=lambda: {g: GroupSpec() for g in GROUPS})
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)  # samples per worker per micro-step (each gives 1 or 2 views)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    losses: LossSpec = Field(default_factory=LossSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    max_failures: int = Field(1, ge=0)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    inject_failure_at_step: int | None = None  # testing fault tolerance: worker 0 raises once at this step
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        unknown = set(self.groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; groups are {', '.join(GROUPS)}")
+        if not any(g.train for g in self.groups.values()):
+            raise ValueError(
+                "every parameter group is frozen: set groups.<name>.train: true for at least one"
+            )
+        t = self.diffusion.timesteps
+        if t.t_min >= t.t_max:
+            raise ValueError(f"diffusion.timesteps: t_min {t.t_min} must be below t_max {t.t_max}")
+        if self.diffusion.views == "single" and self.losses.lambda_cons > 0:
+            raise ValueError(
+                "losses.lambda_cons needs two views: set diffusion.views to complementary or independent"
+            )
+        return self
+
+    def group(self, name: str) -> GroupSpec:
+        return self.groups.get(name, GroupSpec())

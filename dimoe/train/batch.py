@@ -1,0 +1,79 @@
+"""Collate normalized rows into a training batch.
+
+Layout per row: `[left padding] prompt (image tokens + text) [answer, EOS, EOS, …]`. The answer is
+EOS-padded to `response_length` (LLaDA's SFT recipe): the padded EOS tokens are real, supervised
+response tokens, which is how a model that always decodes a fixed generation length learns to stop.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dimoe.model.processor import ImageProcessor
+
+MODALITIES = ("image", "prompt", "response")
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, L] clean tokens
+    attention_mask: torch.Tensor  # [B, L] bool, False on left padding
+    prefix_mask: torch.Tensor  # [B, L] bool, image + prompt tokens
+    response_mask: torch.Tensor  # [B, L] bool, answer + EOS padding
+    prompt_text_mask: torch.Tensor  # [B, L] bool, prompt tokens that are not image tokens
+    image_mask: torch.Tensor  # [B, L] bool
+    pixel_values: torch.Tensor  # [n_images, 3, S, S] for the rows that have an image, in row order
+
+    @property
+    def modality(self) -> torch.Tensor:
+        """[B, L] long: 0 image, 1 prompt text, 2 response, -1 padding (index into MODALITIES)."""
+        out = torch.full_like(self.input_ids, -1)
+        out[self.image_mask] = 0
+        out[self.prompt_text_mask] = 1
+        out[self.response_mask] = 2
+        return out
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def collate(
+    rows: Mapping[str, Sequence[Any]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    image_id: int,
+    response_length: int,
+    processor: ImageProcessor | None,
+) -> TrainBatch:
+    """`rows` is a column batch as Ray Data yields it (`input_ids`, `prompt_length`, `image`)."""
+    sequences = [np.asarray(ids, dtype=np.int64) for ids in rows["input_ids"]]
+    prompt_lengths = [int(n) for n in rows["prompt_length"]]
+    answers = [seq[p:] for seq, p in zip(sequences, prompt_lengths, strict=True)]
+    response = max(response_length, max(len(a) for a in answers))
+    length = max(prompt_lengths) + response
+    b = len(sequences)
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros(b, length, dtype=torch.bool)
+    prefix = torch.zeros(b, length, dtype=torch.bool)
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        start = length - response - p  # left padding keeps every response at the same columns
+        ids[i, start : start + p] = torch.from_numpy(seq[:p])
+        ids[i, start + p : start + p + len(answers[i])] = torch.from_numpy(answers[i])
+        ids[i, start + p + len(answers[i]) :] = eos_id
+        attention[i, start:] = True
+        prefix[i, start : start + p] = True
+    image_mask = ids == image_id
+    response_mask = attention & ~prefix
+    images = [Image.open(io.BytesIO(blob)) for blob in rows.get("image", [None] * b) if blob is not None]
+    if images and processor is None:
+        raise ValueError("the batch has images but the model has no vision tower")
+    pixels = processor(images) if processor is not None else torch.zeros(0)
+    return TrainBatch(ids, attention, prefix, response_mask, prefix & ~image_mask, image_mask, pixels)

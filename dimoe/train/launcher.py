@@ -1,0 +1,141 @@
+"""Launch a stage on Ray Train (TorchTrainer + DeepSpeed), or the chained curriculum.
+
+Everything a user can get wrong (unknown blend, missing `init_from`, bad ZeRO stage — the last is
+caught by the schema) is checked here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dimoe.config.loader import ConfigError
+from dimoe.config.train import TrainConfig
+
+STAGE_ORDER = ("stage0_naive", "stage1_align", "stage2_full", "stage3_lownfe")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    final_dir: Path
+    log_dir: Path
+    checkpoint_dir: Path
+    metrics: dict
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute paths, since Ray workers do not share the driver's working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p else p
+
+    data = cfg.data.model_copy(update={"data_dir": absolute(cfg.data.data_dir)})
+    return cfg.model_copy(
+        update={
+            "output_dir": absolute(cfg.output_dir),
+            "model": absolute(cfg.model),
+            "tokenizer": absolute(cfg.tokenizer),
+            "init_from": absolute(cfg.init_from),
+            "data": data,
+        }
+    )
+
+
+def blend_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.data.data_dir) / "blends" / cfg.data.blend
+
+
+def validate_before_launch(cfg: TrainConfig) -> None:
+    where = Path(cfg.data.data_dir) / "blends"
+    if not blend_dir(cfg).is_dir():
+        known = sorted(p.name for p in where.iterdir() if p.is_dir()) if where.is_dir() else []
+        raise ConfigError(
+            f"{cfg.stage}: unknown blend {cfg.data.blend!r}: {blend_dir(cfg)} does not exist "
+            f"(blends under {where}: {', '.join(known) or 'none — run `dimoe data build-stage-blends`'})"
+        )
+    if cfg.init_from:
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise ConfigError(
+                f"{cfg.stage}: init_from {cfg.init_from} is not a checkpoint directory (no config.json)"
+            )
+    elif cfg.requires_init:
+        raise ConfigError(
+            f"{cfg.stage}: this stage continues a previous one and needs `init_from` "
+            "(a checkpoint directory, e.g. --set init_from=artifacts/train/stage0_naive/final)"
+        )
+    elif not cfg.tokenizer or not cfg.model:
+        raise ConfigError(
+            f"{cfg.stage}: a fresh init needs both `model` (config YAML) and `tokenizer` (directory)"
+        )
+    elif not Path(cfg.tokenizer).is_dir():
+        raise ConfigError(f"{cfg.stage}: tokenizer directory {cfg.tokenizer} not found")
+
+
+def run_stage(cfg: TrainConfig) -> StageResult:
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dimoe.train.loop import train_loop_per_worker
+
+    cfg = resolve_paths(cfg)
+    validate_before_launch(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    stage_dir = Path(cfg.output_dir) / cfg.stage
+    dataset = ray.data.read_parquet(str(blend_dir(cfg)), columns=["input_ids", "prompt_length", "image"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            storage_path=str(stage_dir),
+            name="checkpoints",  # fixed name: re-running the same command resumes (Train V2)
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    return StageResult(
+        cfg.stage, stage_dir / "final", stage_dir / "logs", stage_dir / "checkpoints", result.metrics or {}
+    )
+
+
+def load_curriculum(config_dir: str | Path, overrides: list[str] = ()) -> list[TrainConfig]:
+    from dimoe.config.loader import load_config
+
+    paths = [Path(config_dir) / f"{stage}.yaml" for stage in STAGE_ORDER]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"curriculum folder {config_dir} lacks {', '.join(missing)}")
+    return [load_config(p, TrainConfig, overrides) for p in paths]
+
+
+def run_curriculum(configs: list[TrainConfig], *, stages: list[str] | None = None) -> list[StageResult]:
+    """Train stages in order, each starting from the previous stage's final checkpoint; a stage
+    whose final checkpoint already exists is skipped, so an interrupted chain continues."""
+    results = []
+    previous: Path | None = None
+    for cfg in configs:
+        if stages and cfg.stage not in stages:
+            continue
+        if previous is not None:
+            cfg = cfg.model_copy(update={"init_from": str(previous)})
+        final = Path(cfg.output_dir).resolve() / cfg.stage / "final"
+        if (final / "model.safetensors").is_file():
+            print(f"{cfg.stage}: final checkpoint exists at {final}, skipped")
+            results.append(
+                StageResult(cfg.stage, final, final.parent / "logs", final.parent / "checkpoints", {})
+            )
+        else:
+            results.append(run_stage(cfg))
+        previous = results[-1].final_dir
+    return results

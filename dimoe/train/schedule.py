@@ -1,0 +1,26 @@
+"""Learning-rate schedules as multipliers of each group's base LR: linear warmup, then cosine to
+`min_lr_ratio`, WSD (warmup–stable–decay: flat, then linear decay over the last
+`decay_fraction` of steps), or constant."""
+
+from __future__ import annotations
+
+import math
+
+from dimoe.config.train import TrainConfig
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    s = cfg.schedule
+    total = cfg.max_steps
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.kind == "constant":
+        return 1.0
+    if s.kind == "cosine":
+        progress = (step - s.warmup_steps) / max(total - s.warmup_steps, 1)
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = total - int(total * s.decay_fraction)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(total - decay_start, 1)
+    return 1.0 - (1.0 - s.min_lr_ratio) * min(progress, 1.0)
