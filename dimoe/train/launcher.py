@@ -86,7 +86,9 @@ def run_stage(cfg: TrainConfig) -> StageResult:
         ray.init()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     stage_dir = Path(cfg.output_dir) / cfg.stage
-    dataset = ray.data.read_parquet(str(blend_dir(cfg)), columns=["input_ids", "prompt_length", "image"])
+    dataset = ray.data.read_parquet(
+        str(blend_dir(cfg)), columns=["input_ids", "prompt_length", "image"], file_extensions=["parquet"]
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),

@@ -1,0 +1,77 @@
+"""Training-step throughput of the tiny model on 2 Ray Train workers (CPU, DeepSpeed):
+complementary views versus a single view, and ZeRO-0 versus ZeRO-2. Prints one table.
+
+Needs a blend (run `dimoe data synth` → `normalize` → `build-stage-blends` first, or `make demo`):
+
+    python benchmarks/train_step.py [--data-dir artifacts/data/v1] [--tokenizer artifacts/data/demo/tokenizer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import ray
+
+from dimoe.config.loader import load_config
+from dimoe.config.train import TrainConfig
+from dimoe.train.launcher import run_stage
+
+VARIANTS = {
+    "single view, ZeRO-2": ["diffusion.views=single", "losses.lambda_cons=0", "deepspeed.zero_stage=2"],
+    "complementary, ZeRO-2": ["diffusion.views=complementary", "deepspeed.zero_stage=2"],
+    "complementary, ZeRO-0": ["diffusion.views=complementary", "deepspeed.zero_stage=0"],
+}
+
+
+def measure(overrides: list[str], args: argparse.Namespace, out: Path) -> dict[str, float]:
+    cfg = load_config(
+        "configs/train/tiny/stage2_full.yaml",
+        TrainConfig,
+        [
+            f"data.data_dir={args.data_dir}",
+            f"tokenizer={args.tokenizer}",
+            f"output_dir={out}",
+            "init_from=null",
+            "requires_init=false",
+            f"max_steps={args.steps}",
+            "log_every=5",
+            f"checkpoint.every_steps={10**6}",
+            *overrides,
+        ],
+    )
+    run_stage(cfg)
+    records = [json.loads(x) for x in (out / cfg.stage / "logs/train_metrics.jsonl").read_text().splitlines()]
+    steady = records[1:] or records  # the first window includes DeepSpeed start-up
+    return {
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in steady),
+        "samples_per_step": records[-1]["samples"] * 2,
+        "supervised_tokens": statistics.mean(r["masked_tokens"] for r in steady),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="artifacts/data/v1")
+    parser.add_argument("--tokenizer", default="artifacts/data/demo/tokenizer")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, overrides) in enumerate(VARIANTS.items()):
+            rows[name] = measure(overrides, args, Path(tmp) / str(i))
+    base = rows["single view, ZeRO-2"]["tokens_per_s"]
+    print(f"\n{'variant':<24}{'tokens/s':>10}{'vs single':>11}{'supervised tok/step':>21}")
+    for name, r in rows.items():
+        ratio = r["tokens_per_s"] / base
+        print(f"{name:<24}{r['tokens_per_s']:>10.0f}{ratio:>10.2f}x{r['supervised_tokens']:>21.0f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
