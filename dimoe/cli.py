@@ -24,8 +24,18 @@ model_app = typer.Typer(help="Build and inspect model checkpoints.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(
+    help="Demo data, normalization and stage blends (Ray Data → Parquet).", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
 train_app = typer.Typer(help="Train curriculum stages on Ray Train + DeepSpeed.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+eval_app = typer.Typer(help="Evaluate checkpoints, score predictions, summarize.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+diag_app = typer.Typer(help="Diagnostics of problems A–F (JSON + PNG plots).", no_args_is_help=True)
+app.add_typer(diag_app, name="diag")
+tools_app = typer.Typer(help="Paper tables and other tools.", no_args_is_help=True)
+app.add_typer(tools_app, name="tools")
 infer_app = typer.Typer(help="Batched diffusion decoding and its benchmark.", no_args_is_help=True)
 app.add_typer(infer_app, name="infer")
 
@@ -127,6 +137,67 @@ def model_info(checkpoint: Path) -> None:
     print_json({"parameters": count_parameters(model).as_dict(), "config": model.config.to_dict()})
 
 
+# -- data --------------------------------------------------------------------------------------------
+def _local_ray(address: str | None) -> None:
+    from dimoe.data.normalize import ensure_ray
+
+    ensure_ray(address)
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder (raw/, eval/, tokenizer/).")] = Path(
+        "artifacts/data/demo"
+    ),
+    seed: int = 0,
+    size: Annotated[int, typer.Option(help="Number of scenes.")] = 3000,
+) -> None:
+    """Generate the built-in vision-language demo data and train its tokenizer."""
+    from dimoe.data.synthetic import synthesize
+
+    print_json(synthesize(out, seed=seed, size=size))
+
+
+@data_app.command("normalize")
+@user_errors
+def data_normalize(
+    in_: Annotated[Path, typer.Option("--in", help="Folder of raw JSON/JSONL files.")],
+    out: Annotated[Path, typer.Option(help="Output folder for normalized Parquet.")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory.")],
+    datasets_root: Annotated[Path | None, typer.Option(help="Root that image paths resolve under.")] = None,
+    config: Annotated[Path | None, typer.Option(help="configs/data/normalize.yaml-style config.")] = None,
+    set_: SetOption = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+) -> None:
+    """Parse, validate, tokenize and write Parquet per source stage; rejects kept with reasons."""
+    from dimoe.config.data import NormalizeConfig
+    from dimoe.config.loader import load_config
+    from dimoe.data.normalize import normalize
+
+    cfg = load_config(config, NormalizeConfig, set_ or [])
+    _local_ray(address)
+    summary = normalize(in_, out, tokenizer, datasets_root, cfg)
+    print_json(summary["totals"])
+
+
+@data_app.command("build-stage-blends")
+@user_errors
+def data_build_blends(
+    config: Annotated[Path, typer.Option(help="Blend config.")] = Path("configs/data/stage_blends.yaml"),
+    set_: SetOption = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+) -> None:
+    """Weighted, seeded mixtures of the source stages for each curriculum stage."""
+    from dimoe.config.data import BlendConfig
+    from dimoe.config.loader import load_config
+    from dimoe.data.blend import build_stage_blends
+
+    cfg = load_config(config, BlendConfig, set_ or [])
+    _local_ray(address)
+    print_json(build_stage_blends(cfg))
+
+
 # -- train -------------------------------------------------------------------------------------------
 @train_app.command("run")
 @user_errors
@@ -221,6 +292,127 @@ def infer_benchmark(
             config_path=config, set_overrides=set_ or [],
         )
     )  # fmt: skip
+
+
+# -- eval --------------------------------------------------------------------------------------------
+@eval_app.command("run")
+@user_errors
+def eval_run(
+    checkpoint: Annotated[Path, typer.Option(help="HF-format checkpoint directory.")],
+    out_dir: Annotated[Path, typer.Option(help="Output folder, e.g. artifacts/eval/mid.")],
+    config: Annotated[Path, typer.Option(help="Eval config.")] = Path("configs/eval/default.yaml"),
+    suite: Annotated[str, typer.Option(help="Suite name from the config, or one task name.")] = "demo",
+    preset: Preset = "mid",
+    strategy: Strategy = None,
+    num_actors: Annotated[int, typer.Option(help="Decoding actors (one per GPU on a cluster).")] = 1,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per decoding actor.")] = 0.0,
+    batch_size: int = 16,
+    set_: SetOption = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+) -> None:
+    """Run every task of a suite with the batched decoder, distributed over Ray; resumable."""
+    from dimoe.config.eval import EvalConfig
+    from dimoe.config.loader import load_config
+    from dimoe.eval.runner import run_eval
+
+    cfg = load_config(config, EvalConfig, set_ or [])
+    _local_ray(address)
+    scores = run_eval(
+        cfg, suite, preset, checkpoint, out_dir, strategy=strategy, num_actors=num_actors,
+        num_gpus=num_gpus, batch_size=batch_size, progress=True,
+    )  # fmt: skip
+    print_json(scores)
+
+
+@eval_app.command("score")
+@user_errors
+def eval_score(
+    task: Annotated[str, typer.Option(help="Registered task name.")],
+    pred: Annotated[Path, typer.Option(help="Predictions JSONL (id, prediction, gold fields).")],
+    out: Annotated[Path, typer.Option(help="Output folder (results.jsonl, summary.json).")],
+    gt: Annotated[Path | None, typer.Option(help="Ground-truth file merged by id.")] = None,
+) -> None:
+    """Score predictions made anywhere with a task's published metric."""
+    from dimoe.eval.runner import score_file
+
+    print_json(score_file(task, pred, gt, out))
+
+
+@eval_app.command("summarize")
+@user_errors
+def eval_summarize(
+    eval_dir: Annotated[list[Path], typer.Option(help="Eval output folder(s), or their parent.")],
+    out_dir: Annotated[Path, typer.Option(help="Where the Markdown and CSV go.")],
+) -> None:
+    """Markdown + CSV tables across tasks, presets and strategies."""
+    from dimoe.eval.summarize import summarize
+
+    print_json(summarize(eval_dir, out_dir))
+
+
+@tools_app.command("export-paper-tables")
+@user_errors
+def tools_export_paper_tables(
+    eval_dir: Annotated[Path, typer.Option(help="Root of the eval output folders.")],
+    out_dir: Annotated[Path, typer.Option(help="Output folder.")] = Path("artifacts/results/paper"),
+    tune_results: Annotated[
+        Path | None, typer.Option(help="Ablation results CSV from `dimoe tune run`.")
+    ] = None,
+) -> None:
+    """LaTeX (booktabs) and Markdown tables: main results per preset, ablations."""
+    from dimoe.eval.paper import export_paper_tables
+
+    print_json(export_paper_tables(eval_dir, out_dir, tune_results))
+
+
+# -- diag --------------------------------------------------------------------------------------------
+CompareOpt = Annotated[Path | None, typer.Option(help="A second run's log, shown side by side.")]
+
+
+@diag_app.command("routing")
+@user_errors
+def diag_routing_cmd(
+    log: Annotated[Path, typer.Option(help="routing_stats.jsonl (or its logs/ or stage folder).")],
+    out_dir: Annotated[Path, typer.Option(help="Output folder.")],
+    compare: CompareOpt = None,
+) -> None:
+    """A (non-stationarity), B (view consistency), C (specialisation)."""
+    from dimoe.diag import diag_routing
+
+    print_json(diag_routing(log, out_dir, compare))
+
+
+@diag_app.command("supervision")
+@user_errors
+def diag_supervision_cmd(
+    manifest: Annotated[Path, typer.Option(help="Blend Parquet folder or JSONL with answer_length.")],
+    out_dir: Annotated[Path, typer.Option(help="Output folder.")],
+    t_sampler: Annotated[str, typer.Option(help="uniform | band | stratified | logit_normal.")] = "uniform",
+    views: Annotated[str, typer.Option(help="single | independent | complementary.")] = "single",
+    train_log: Annotated[
+        Path | None, typer.Option(help="train_metrics.jsonl for the observed value.")
+    ] = None,
+    compare: CompareOpt = None,
+) -> None:
+    """D: probability that a sample gets no supervised token, closed form and observed."""
+    from dimoe.diag import diag_supervision
+
+    print_json(
+        diag_supervision(manifest, out_dir, t_sampler, views=views, train_log=train_log, compare=compare)
+    )
+
+
+@diag_app.command("gradient")
+@user_errors
+def diag_gradient_cmd(
+    log: Annotated[Path, typer.Option(help="gradient_stats.jsonl (or its logs/ or stage folder).")],
+    out_dir: Annotated[Path, typer.Option(help="Output folder.")],
+    compare: CompareOpt = None,
+) -> None:
+    """E (vision/backbone gradient ratio) and F (per-expert gradient spread)."""
+    from dimoe.diag import diag_gradient
+
+    print_json(diag_gradient(log, out_dir, compare))
 
 
 @app.command("quickstart")

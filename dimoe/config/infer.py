@@ -1,0 +1,119 @@
+"""Schema of `configs/infer/*.yaml`: decoding presets and batching (DESIGN.md §5).
+
+A preset fixes every decoding knob; a run picks one by name and may override any field::
+
+    config = load_config("configs/infer/default.yaml", InferConfig, ["presets.mid.threshold=0.8"])
+    settings = config.resolve("mid", {"steps": 12, "strategy": "llada"})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from dimoe.config.base import StrictModel
+from dimoe.config.loader import ConfigError, format_validation_error
+
+STRATEGIES = ("threshold", "llada")
+REMASKING = ("low_confidence", "random")
+
+
+def _one_of(kind: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r} (valid: {', '.join(valid)})")
+    return value
+
+
+class DecodeSettings(StrictModel):
+    """Every knob of one decoding run (a preset after overrides).
+
+    steps is the total number of denoising steps over the whole generation; the G = gen_length
+    response tokens are decoded in G / block_length blocks, left to right, steps / num_blocks
+    steps each (LLaDA's semi-autoregressive schedule)."""
+
+    strategy: str = "threshold"
+    steps: int = Field(16, gt=0)
+    gen_length: int = Field(64, gt=0)
+    block_length: int = Field(32, gt=0)
+    threshold: float = Field(0.9, ge=0.0)  # `threshold` strategy: reveal tokens with confidence >= this
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy; > 0 = Gumbel-max sampling
+    remasking: str = "low_confidence"  # `llada` strategy: which tokens a step reveals
+    cfg_scale: float = Field(0.0, ge=0.0)  # `llada` strategy: classifier-free guidance (0 = off)
+    prefix_cache: bool = True  # `threshold` strategy: reuse the prompt's keys/values (prefix-mask models)
+    seed: int = 0
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        return _one_of("strategy", value, STRATEGIES)
+
+    @field_validator("remasking")
+    @classmethod
+    def _known_remasking(cls, value: str) -> str:
+        return _one_of("remasking", value, REMASKING)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> DecodeSettings:
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} must be a multiple of block_length={self.block_length}"
+            )
+        if self.steps % self.num_blocks:
+            raise ValueError(
+                f"steps={self.steps} must be a multiple of the number of blocks "
+                f"(gen_length / block_length = {self.num_blocks})"
+            )
+        if self.steps > self.gen_length:
+            raise ValueError(
+                f"steps={self.steps} exceeds gen_length={self.gen_length}: a step would reveal nothing"
+            )
+        if self.strategy == "threshold" and self.remasking != "low_confidence":
+            raise ValueError("the threshold strategy ranks by confidence: it needs remasking=low_confidence")
+        if self.strategy == "threshold" and self.cfg_scale > 0:
+            raise ValueError("cfg_scale > 0 is supported by the llada strategy only")
+        return self
+
+
+def _default_presets() -> dict[str, DecodeSettings]:
+    return {name: DecodeSettings(steps=steps) for name, steps in (("fast", 8), ("mid", 16), ("best", 32))}
+
+
+class InferConfig(StrictModel):
+    presets: dict[str, DecodeSettings] = Field(default_factory=_default_presets)
+    default_preset: str = "mid"
+    batch_size: int = Field(8, gt=0)  # requests decoded together in one batch
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> InferConfig:
+        self.preset(self.default_preset)
+        return self
+
+    def preset(self, name: str) -> DecodeSettings:
+        if name not in self.presets:
+            raise ValueError(f"unknown preset {name!r} (valid: {', '.join(self.presets)})")
+        return self.presets[name]
+
+    def resolve(self, preset: str | None = None, overrides: dict[str, Any] | None = None) -> DecodeSettings:
+        """The settings of `preset` (default: `default_preset`) with `overrides` applied; None values
+        are ignored so a CLI can pass every flag. Raises ConfigError naming the bad field."""
+        name = preset or self.default_preset
+        try:
+            base = self.preset(name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        given = {key: value for key, value in (overrides or {}).items() if value is not None}
+        try:
+            return DecodeSettings.model_validate({**base.model_dump(), **given})
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, f"preset {name!r} with overrides {given}")
+            ) from None

@@ -1,0 +1,251 @@
+"""Decoding strategies of masked diffusion (DESIGN.md §5), written over a `logits_fn`.
+
+A strategy starts from a response of G mask tokens and reveals tokens over a fixed budget of
+steps, semi-autoregressively: the response is split into G / block_length blocks decoded left to
+right, steps / num_blocks steps each. Strategies know nothing of the model: they call
+
+    logits_fn(tokens [b, L], rows [b]) -> logits [b, L, V]
+
+where row i of `tokens` is row `rows[i]` of the batch being decoded (so the caller can pick that
+row's attention mask, image features or prefix cache). `llada_decode` passes the whole sequence
+(prompt + response), as LLaDA's sampler does; `threshold_decode` passes only the response, so a
+caller may answer from a prefix key/value cache.
+
+Both are generators that yield a `DecodeState` after each committed block (for streaming);
+`final_state` drains one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecodeState:
+    """The response after a committed block."""
+
+    tokens: torch.Tensor  # Long[B, G], the mask id where still undecided
+    nfe: torch.Tensor  # Long[B], forward passes that included the row (a CFG step counts 2)
+    steps_used: int  # batched forward passes so far
+    block: int  # index of the block just committed
+    finished: torch.Tensor  # Bool[B], rows whose tokens are final
+
+
+def final_state(states: Iterator[DecodeState]) -> DecodeState:
+    """The last state of a decoder (the finished generation)."""
+    *_, last = states
+    return last
+
+
+def check_schedule(steps: int, gen_length: int, block_length: int) -> tuple[int, int]:
+    """(num_blocks, steps_per_block) of LLaDA's semi-autoregressive schedule."""
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    return num_blocks, steps // num_blocks
+
+
+def add_gumbel_noise(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Scores whose argmax samples softmax(logits / temperature) by the Gumbel-max trick:
+    exp(l) / (-log u)^T with u ~ U(0, 1) is a monotone transform of l / T + Gumbel noise.
+
+    In float64: low-precision Gumbel-max lowers generation quality of masked diffusion models
+    (Zheng et al. 2024, arXiv:2409.02908), which is why LLaDA samples in float64. At temperature 0
+    the logits are returned unchanged (greedy), drawing no noise."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def predict(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted clean tokens x0 [b, L] (greedy or Gumbel-sampled) and their probability
+    under the model, p(x0) [b, L] in float64: LLaDA's low-confidence score."""
+    x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+    probs = F.softmax(logits.to(torch.float64), dim=-1)
+    return x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
+
+def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to reveal at each of `steps` steps, Long[B, steps]: LLaDA's linear schedule
+    (Nie et al. 2025, arXiv:2502.09992, Eq. 8) reveals the same expected number per step, so
+    each step gets masked // steps and the first masked % steps steps one more."""
+    base = (masked_count // steps).unsqueeze(1)
+    remainder = (masked_count % steps).unsqueeze(1)
+    step_index = torch.arange(steps, device=masked_count.device).unsqueeze(0)
+    return base + (step_index < remainder).long()
+
+
+def top_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool [b, L]: the k[i] highest scores of each row i (ties broken by position)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return rank < k.unsqueeze(1)
+
+
+@torch.no_grad()
+def llada_decode(
+    logits_fn: LogitsFn,
+    prompt: torch.Tensor,
+    *,
+    mask_id: int,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    generator: torch.Generator | None = None,
+) -> Iterator[DecodeState]:
+    """The published LLaDA sampler (Nie et al. 2025, arXiv:2502.09992, Appendix A: Alg. 4
+    "random remasking" and Alg. 5 "low-confidence remasking", semi-autoregressive blocks).
+
+    prompt: Long[B, Lp], left-padded (padding is neither mask nor prompt content to the sampler;
+    the caller's attention mask hides it). Every step of block k:
+      1. logits of the whole sequence; with cfg_scale > 0 also of the sequence with every prompt
+         token replaced by the mask (unconditional), combined as un + (cfg + 1)(cond - un);
+      2. x0 = argmax of the Gumbel-noised logits (temperature), for every position;
+      3. score each masked position: p(x0) (low_confidence) or U(0, 1) (random); positions after
+         block k score -inf so they stay masked;
+      4. reveal the num_transfer_tokens[step] best-scoring masked positions with their x0.
+    No cache and no early stop: every step runs the full sequence and the whole G is filled.
+    """
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"unknown remasking {remasking!r} (valid: low_confidence, random)")
+    num_blocks, steps_per_block = check_schedule(steps, gen_length, block_length)
+    batch, prompt_length = prompt.shape
+    x = torch.full((batch, prompt_length + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt_length] = prompt
+    prompt_index = x != mask_id
+    rows = torch.arange(batch, device=prompt.device)
+    forwards_per_step = 2 if cfg_scale > 0 else 1
+    for block in range(num_blocks):
+        block_end = prompt_length + (block + 1) * block_length
+        block_masked = x[:, block_end - block_length : block_end] == mask_id
+        schedule = num_transfer_tokens(block_masked.sum(dim=1), steps_per_block)
+        for step in range(steps_per_block):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                unconditional = x.masked_fill(prompt_index, mask_id)
+                both = logits_fn(torch.cat([x, unconditional]), torch.cat([rows, rows]))
+                conditional_logits, unconditional_logits = both.chunk(2)
+                logits = unconditional_logits + (cfg_scale + 1) * (conditional_logits - unconditional_logits)
+            else:
+                logits = logits_fn(x, rows)
+            if remasking == "low_confidence":
+                x0, score = predict(logits, temperature, generator)
+            else:
+                x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+                score = torch.rand(x0.shape, generator=generator, device=x0.device)
+            score[:, block_end:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, score, -torch.inf)
+            reveal = top_k_per_row(confidence, schedule[:, step])
+            x[reveal] = x0[reveal]
+        yield DecodeState(
+            tokens=x[:, prompt_length:].clone(),
+            nfe=torch.full((batch,), (block + 1) * steps_per_block * forwards_per_step, device=x.device),
+            steps_used=(block + 1) * steps_per_block,
+            block=block,
+            finished=torch.full((batch,), block == num_blocks - 1, device=x.device),
+        )
+
+
+def threshold_reveal_count(
+    confidence: torch.Tensor, masked_count: torch.Tensor, threshold: float, steps_left: int
+) -> torch.Tensor:
+    """Tokens to reveal this step, Long[b]: every masked token of the block whose confidence is
+    >= threshold, and at least ceil(masked / steps_left). The floor is what finishes the block
+    within its step budget: revealing >= ceil(m / r) tokens at each of the r remaining steps
+    empties the block at the last one. It is also >= 1 while anything is masked, and when no
+    token is confident it equals LLaDA's schedule, so threshold decoding never reveals fewer
+    tokens per step than `llada` with low-confidence remasking."""
+    confident = (confidence >= threshold).sum(dim=1)
+    floor = (masked_count + steps_left - 1) // steps_left
+    return torch.maximum(confident, floor)
+
+
+def stop_at_eos(tokens: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor:
+    """Bool[B]: rows that are finished, i.e. hold a decided EOS with every position before it
+    decided. Nothing after that EOS can change the output (it is cut there), so those positions
+    are filled with EOS in place and the row needs no further forward pass."""
+    is_eos = tokens == eos_id
+    length = tokens.shape[1]
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), length)
+    column = torch.arange(length, device=tokens.device).unsqueeze(0)
+    undecided_before = ((tokens == mask_id) & (column < first_eos.unsqueeze(1))).any(dim=1)
+    done = is_eos.any(dim=1) & ~undecided_before
+    tokens.masked_fill_(done.unsqueeze(1) & (column > first_eos.unsqueeze(1)), eos_id)
+    return done
+
+
+@torch.no_grad()
+def threshold_decode(
+    logits_fn: LogitsFn,
+    batch_size: int,
+    *,
+    mask_id: int,
+    eos_id: int,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    threshold: float,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[DecodeState]:
+    """Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025, arXiv:2505.22618) within
+    LLaDA's block schedule and step budget, with early stop at EOS.
+
+    `logits_fn` sees only the response [b, G]. Every step of block k, for the rows still
+    decoding block k:
+      1. x0, p(x0) from the logits (greedy or Gumbel-sampled, as `llada`);
+      2. reveal every masked position of block k with p(x0) >= threshold, at least
+         ceil(masked in block / steps left in the block's budget) of them (the most confident),
+         see `threshold_reveal_count`; so no block takes more than steps / num_blocks steps and
+         the whole generation never more than `steps`;
+      3. a row is finished once it holds an EOS with everything before it decided (`stop_at_eos`):
+         its remaining positions become EOS and it leaves the batch.
+    A row whose block is complete waits for the others without a forward pass, so NFE is counted
+    per row: each forward counts once for every row it includes.
+    """
+    num_blocks, steps_per_block = check_schedule(steps, gen_length, block_length)
+    tokens = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
+    nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    steps_used = 0
+    for block in range(num_blocks):
+        block_slice = slice(block * block_length, (block + 1) * block_length)
+        for step in range(steps_per_block):
+            rows = (~finished & (tokens[:, block_slice] == mask_id).any(dim=1)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            current = tokens[rows, block_slice]
+            # Only the current block is scored (later blocks stay masked), so the float64
+            # softmax and the noise cover block_length positions, not G.
+            x0, probability = predict(logits_fn(tokens[rows], rows)[:, block_slice], temperature, generator)
+            nfe[rows] += 1
+            steps_used += 1
+            masked = current == mask_id
+            confidence = probability.masked_fill(~masked, -torch.inf)
+            count = threshold_reveal_count(confidence, masked.sum(dim=1), threshold, steps_per_block - step)
+            tokens[rows, block_slice] = torch.where(top_k_per_row(confidence, count), x0, current)
+            finished |= stop_at_eos(tokens, eos_id, mask_id)
+        last = block == num_blocks - 1
+        yield DecodeState(tokens.clone(), nfe.clone(), steps_used, block, finished | last)
+        if bool(finished.all()):
+            return

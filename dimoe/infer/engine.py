@@ -1,0 +1,351 @@
+"""Batched generation: requests → chat-encoded, left-padded batches → a decoding strategy → text.
+
+    engine = GenerationEngine.from_checkpoint("artifacts/train/stage3_lownfe/final")
+    results = engine.generate([Request("q1", prompt="What colour is the square?")], preset="fast")
+
+`generate(model, batch, settings)` is the model-level entry: it wires the model into the
+model-agnostic strategies of `dimoe.diffusion.decoding` (DESIGN.md §5):
+- images are encoded once per batch, not once per step;
+- with the `threshold` strategy and a model trained with the `prefix` mask, the prompt's keys and
+  values are computed once per request (`return_prefix_cache`) and every step runs the model on
+  the response only; that is exact because prefix tokens never attend to the response;
+- NFE counts denoising forwards (each once per batch row it includes); the one-off prefix pass
+  is, like the vision tower, per-request setup and is not counted.
+
+A request's output does not depend on the rest of its batch: padding is on the left, masked out of
+attention and skipped by the positions (cumsum of the attention mask), and every per-row decision
+of the strategies looks at that row only. (With temperature > 0 the noise is drawn for the whole
+batch, so sampled outputs are reproducible per batch, not per request.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from rich.progress import Progress, TimeElapsedColumn
+from transformers import PreTrainedTokenizerBase
+
+from dimoe.config.infer import DecodeSettings, InferConfig
+from dimoe.config.loader import load_config
+from dimoe.data.chat import encode_chat
+from dimoe.diffusion.decoding import DecodeState, final_state, llada_decode, threshold_decode
+from dimoe.infer.inputs import Request, Result, read_prompts, request_conversation, write_predictions
+from dimoe.model.build import load_checkpoint
+from dimoe.model.modeling import DiMoEVLModel, PrefixCache
+from dimoe.model.processor import ImageProcessor
+
+
+@dataclass
+class PromptBatch:
+    """Prompts ready for the model: left-padded ids, their real-token mask, and the pixels of the
+    rows that hold image tokens (in row order)."""
+
+    input_ids: torch.Tensor  # Long[B, Lp]
+    attention_mask: torch.Tensor  # Long[B, Lp]
+    pixel_values: torch.Tensor | None = None  # [n, 3, S, S]
+
+
+@dataclass
+class GenerationResult:
+    output_ids: torch.Tensor  # Long[B, G], EOS after a finished row's end
+    nfe: torch.Tensor  # Long[B]
+    steps_used: int  # batched forward passes
+
+
+class ModelLogits:
+    """The `logits_fn`s of one batch: `full` for whole sequences (llada), `response` for the
+    response alone, answered from the prefix cache when `use_cache`."""
+
+    def __init__(self, model: DiMoEVLModel, batch: PromptBatch, gen_length: int, use_cache: bool) -> None:
+        self.model = model
+        self.prompt = batch.input_ids
+        prompt_real = batch.attention_mask.bool()
+        has_image = (batch.input_ids == model.config.image_token_id).any(dim=1)
+        self.features = model.encode_images(batch.pixel_values) if bool(has_image.any()) else None
+        # Row r's image features are self.features[self.feature_row[r]].
+        self.feature_row = has_image.long().cumsum(0) - 1
+        response = torch.ones(len(prompt_real), gen_length, dtype=torch.bool, device=prompt_real.device)
+        self.attention_mask = torch.cat([prompt_real, response], dim=1)
+        self.prefix_mask = torch.cat([prompt_real, ~response], dim=1)
+        self.cache = None
+        if use_cache:
+            self.cache = model(
+                self.prompt,
+                attention_mask=prompt_real,
+                prefix_mask=prompt_real,
+                image_features=self._features(
+                    self.prompt, torch.arange(len(self.prompt), device=self.prompt.device)
+                ),
+                return_prefix_cache=True,
+            ).prefix_cache
+        self._selected: tuple[torch.Tensor, PrefixCache] | None = None
+
+    def _features(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Features of the rows of `tokens` that hold image tokens (none when CFG masked them)."""
+        with_image = (tokens == self.model.config.image_token_id).any(dim=1)
+        if not bool(with_image.any()):
+            return None
+        return self.features[self.feature_row[rows[with_image]]]
+
+    def full(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.model(
+            tokens,
+            attention_mask=self.attention_mask[rows],
+            prefix_mask=self.prefix_mask[rows],
+            image_features=self._features(tokens, rows),
+        ).logits
+
+    def response(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.full(torch.cat([self.prompt[rows], tokens], dim=1), rows)[:, self.prompt.shape[1] :]
+        return self.model(tokens, prefix_cache=self._cache_of(rows)).logits
+
+    def _cache_of(self, rows: torch.Tensor) -> PrefixCache:
+        # Rows change only when one finishes; reuse the gathered cache until then.
+        if self._selected is None or not torch.equal(self._selected[0], rows):
+            self._selected = (rows, self.cache.select(rows))
+        return self._selected[1]
+
+
+def check_context(prompt_length: int, gen_length: int, context: int) -> None:
+    """The prompt and the response must fit the model's positions."""
+    total = prompt_length + gen_length
+    if total > context:
+        raise ValueError(
+            f"prompt of {prompt_length} tokens + gen_length {gen_length} = {total} tokens "
+            f"exceeds the model's context of {context} (max_position_embeddings); "
+            "shorten the prompt or lower gen_length"
+        )
+
+
+@torch.no_grad()
+def iter_generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSettings) -> Iterator[DecodeState]:
+    """Decode `batch` with `settings`, yielding the state after each committed block."""
+    config = model.config
+    check_context(batch.input_ids.shape[1], settings.gen_length, config.max_position_embeddings)
+    device = batch.input_ids.device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    use_cache = settings.strategy == "threshold" and settings.prefix_cache and config.attention == "prefix"
+    logits = ModelLogits(model, batch, settings.gen_length, use_cache)
+    schedule = {
+        "steps": settings.steps,
+        "gen_length": settings.gen_length,
+        "block_length": settings.block_length,
+    }
+    if settings.strategy == "llada":
+        yield from llada_decode(
+            logits.full,
+            batch.input_ids,
+            mask_id=config.mask_token_id,
+            temperature=settings.temperature,
+            cfg_scale=settings.cfg_scale,
+            remasking=settings.remasking,
+            generator=generator,
+            **schedule,
+        )
+    else:
+        yield from threshold_decode(
+            logits.response,
+            batch.input_ids.shape[0],
+            mask_id=config.mask_token_id,
+            eos_id=config.eos_token_id,
+            threshold=settings.threshold,
+            temperature=settings.temperature,
+            generator=generator,
+            device=device,
+            **schedule,
+        )
+
+
+@torch.no_grad()
+def generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSettings) -> GenerationResult:
+    """Decode `batch` with `settings` (the strategy, schedule and sampling of DESIGN.md §5)."""
+    state = final_state(iter_generate(model, batch, settings))
+    return GenerationResult(state.tokens, state.nfe, state.steps_used)
+
+
+@dataclass
+class StreamChunk:
+    """The committed text of request `index` after a block; the last chunk of a request has
+    `done` and its `result`."""
+
+    index: int  # position of the request in the list given to the engine
+    id: str
+    block: int
+    text: str
+    done: bool
+    result: Result | None = None
+
+
+@dataclass
+class EncodedRequest:
+    """A request chat-encoded for decoding; `index` is its position in the engine call."""
+
+    index: int
+    request: Request
+    prompt_ids: list[int]
+    image: Image.Image | None
+
+
+class GenerationEngine:
+    """Chat-encodes requests, batches them and decodes them with a named preset."""
+
+    def __init__(
+        self, model: DiMoEVLModel, tokenizer: PreTrainedTokenizerBase, config: InferConfig | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or InferConfig()
+        self.processor = ImageProcessor(model.config.image_size) if model.vision is not None else None
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, config: InferConfig | None = None, device: str = "cpu"
+    ) -> GenerationEngine:
+        model, tokenizer = load_checkpoint(path, device=device)
+        return cls(model, tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def settings(self, preset: str | None = None, **overrides: Any) -> DecodeSettings:
+        """The preset's settings with `overrides` (None values ignored); ConfigError if invalid."""
+        return self.config.resolve(preset, overrides)
+
+    def generate(
+        self,
+        requests: list[Request],
+        preset: str | None = None,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> list[Result]:
+        """Decode every request; results in request order."""
+        return collect_results(self, requests, False, preset=preset, batch_size=batch_size, **overrides)
+
+    def generate_stream(
+        self,
+        requests: list[Request],
+        preset: str | None = None,
+        batch_size: int | None = None,
+        **overrides: Any,
+    ) -> Iterator[StreamChunk]:
+        """Decode in batches of `batch_size` (default: the config's), yielding each request's
+        committed text after every block. Every request is validated before any decoding."""
+        settings = self.settings(preset, **overrides)
+        encoded = [self.encode(i, request, settings) for i, request in enumerate(requests)]
+        size = batch_size or self.config.batch_size
+        for start in range(0, len(encoded), size):
+            yield from self._decode_batch(encoded[start : start + size], settings)
+
+    def encode(self, index: int, request: Request, settings: DecodeSettings) -> EncodedRequest:
+        """Chat-encode one request; ValueError naming the request if it cannot be decoded."""
+        config = self.model.config
+        try:
+            messages, image = request_conversation(request)
+            if image is not None and self.processor is None:
+                raise ValueError("the request has an image but the model has no vision tower")
+            num_image_tokens = config.num_image_tokens if image is not None else 0
+            prompt_ids = encode_chat(
+                self.tokenizer, messages, num_image_tokens=num_image_tokens, add_generation_prompt=True
+            ).input_ids
+            if config.mask_token_id in prompt_ids:
+                raise ValueError("the prompt contains the reserved mask token")
+            check_context(len(prompt_ids), settings.gen_length, config.max_position_embeddings)
+        except ValueError as exc:
+            raise ValueError(f"request {request.id!r}: {exc}") from None
+        return EncodedRequest(index, request, prompt_ids, image)
+
+    def collate(self, items: list[EncodedRequest]) -> PromptBatch:
+        """Left-pad the prompts of `items` into one batch, with the pixels of their images."""
+        width = max(len(item.prompt_ids) for item in items)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(it.prompt_ids)) + it.prompt_ids for it in items])
+        attention_mask = torch.tensor(
+            [[0] * (width - len(it.prompt_ids)) + [1] * len(it.prompt_ids) for it in items]
+        )
+        images = [item.image for item in items if item.image is not None]
+        pixels = self.processor(images).to(self.device) if images else None
+        return PromptBatch(input_ids.to(self.device), attention_mask.to(self.device), pixels)
+
+    def _decode_batch(self, items: list[EncodedRequest], settings: DecodeSettings) -> Iterator[StreamChunk]:
+        start = time.perf_counter()
+        done = [False] * len(items)
+        for state in iter_generate(self.model, self.collate(items), settings):
+            now = time.perf_counter()
+            committed = state.tokens[:, : (state.block + 1) * settings.block_length].tolist()
+            for row, item in enumerate(items):
+                if done[row]:
+                    continue
+                output_ids = self._until_eos(committed[row])
+                text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+                done[row] = bool(state.finished[row])
+                result = None
+                if done[row]:
+                    nfe = int(state.nfe[row])
+                    result = Result(item.request.id, text, item.prompt_ids, output_ids, nfe, now - start)
+                yield StreamChunk(item.index, item.request.id, state.block, text, done[row], result)
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        eos = self.model.config.eos_token_id
+        return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def run_generate(
+    checkpoint: str | Path,
+    input_path: str | Path,
+    out_path: str | Path,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    *,
+    config_path: str | Path | None = None,
+    set_overrides: Sequence[str] = (),
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """`dimoe infer generate`: decode every row of a prompts file into `preds.jsonl`.
+
+    overrides: decoding fields (strategy, steps, gen_length, ...) and `batch_size`; None values are
+    ignored. config_path / set_overrides: the infer config (default: the schema's defaults, which are
+    configs/infer/default.yaml) and its `--set` overrides. Returns a summary of the run."""
+    config = load_config(config_path, InferConfig, set_overrides)
+    fields = dict(overrides or {})
+    batch_size = fields.pop("batch_size", None)
+    settings = config.resolve(preset, fields)  # fail on a bad preset before loading anything
+    requests = read_prompts(input_path)
+    engine = GenerationEngine.from_checkpoint(checkpoint, config, device=device)
+    started = time.perf_counter()
+    results = collect_results(engine, requests, progress, preset=preset, batch_size=batch_size, **fields)
+    elapsed = time.perf_counter() - started
+    out = write_predictions(out_path, requests, results)
+    tokens = sum(len(r.output_ids) for r in results)
+    return {
+        "out": str(out),
+        "requests": len(results),
+        "preset": preset or config.default_preset,
+        "settings": settings.model_dump(),
+        "mean_nfe": sum(r.nfe for r in results) / max(len(results), 1),
+        "generated_tokens": tokens,
+        "elapsed_s": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def collect_results(
+    engine: GenerationEngine, requests: list[Request], progress: bool, **generate_args: Any
+) -> list[Result]:
+    """`engine.generate` with a rich progress bar advancing as requests finish."""
+    results: dict[int, Result] = {}
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), disable=not progress) as bar:
+        task = bar.add_task("decoding", total=len(requests))
+        for chunk in engine.generate_stream(requests, **generate_args):
+            if chunk.done:
+                results[chunk.index] = chunk.result
+                bar.advance(task)
+    return [results[i] for i in range(len(requests))]

@@ -1,0 +1,81 @@
+"""The built-in demo set: deterministic, splits disjoint, answers derived from the scene."""
+
+import hashlib
+import json
+
+from dimoe.data.formats import parse_record
+from dimoe.data.synthetic import DESCRIBE_PROMPT, POSITIONS, synthesize
+from dimoe.data.tokenizer import load_tokenizer
+
+from .conftest import SYNTH_SIZE
+
+
+def file_digests(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "synth_summary.json"  # the summary records its own path
+    }
+
+
+def records(raw):
+    for path in sorted(raw.glob("stage*")):
+        text = path.read_text()
+        yield from json.loads(text) if path.suffix == ".json" else map(json.loads, text.splitlines())
+
+
+def test_same_seed_same_bytes_other_seed_differs(synth_dir, tmp_path):
+    again = synthesize(tmp_path / "again", seed=0, size=SYNTH_SIZE)
+    assert file_digests(tmp_path / "again") == file_digests(synth_dir)
+    first = json.loads((synth_dir / "synth_summary.json").read_text())
+    assert {k: v for k, v in again.items() if k not in ("out_dir", "tokenizer")} == {
+        k: v for k, v in first.items() if k not in ("out_dir", "tokenizer")
+    }
+    synthesize(tmp_path / "other", seed=1, size=SYNTH_SIZE)
+    assert (tmp_path / "other/raw/stage3_vision.json").read_bytes() != (
+        synth_dir / "raw/stage3_vision.json"
+    ).read_bytes()
+
+
+def test_splits_share_no_image_and_records_follow_their_scene(synth_dir):
+    raw = synth_dir / "raw"
+    digests = {
+        split: {hashlib.sha256(p.read_bytes()).hexdigest() for p in (raw / "images" / split).glob("*.png")}
+        for split in ("train", "val", "test")
+    }
+    assert sum(map(len, digests.values())) == SYNTH_SIZE
+    assert not (
+        digests["train"] & digests["val"]
+        or digests["train"] & digests["test"]
+        or digests["val"] & digests["test"]
+    )
+    seen_formats = set()
+    for record in records(raw):
+        conversation = parse_record(record)  # every generated record is valid in its format
+        seen_formats.add(conversation.format)
+        if conversation.image is not None:
+            assert (
+                conversation.image.startswith(f"images/{record['split']}/")
+                and (raw / conversation.image).is_file()
+            )
+    assert seen_formats == {"llava", "sharegpt", "openai"}
+
+
+def test_eval_files_and_baselines(synth_dir):
+    summary = json.loads((synth_dir / "synth_summary.json").read_text())
+    vqa = [json.loads(line) for line in (synth_dir / "eval/vqa_test.jsonl").read_text().splitlines()]
+    describe = [
+        json.loads(line) for line in (synth_dir / "eval/describe_test.jsonl").read_text().splitlines()
+    ]
+    assert len(describe) == summary["scenes_by_split"]["test"] and len(vqa) == summary["eval"]["vqa_test"]
+    for row in vqa + describe:
+        assert set(row) == {"id", "image", "question", "answer", "question_type"}
+        assert row["image"].startswith("raw/images/test/") and (synth_dir / row["image"]).is_file()
+    assert {r["question_type"] for r in vqa} <= {"colour", "shape", "count", "position"}
+    assert all(r["question"] == DESCRIBE_PROMPT and r["question_type"] == "describe" for r in describe)
+    assert {r["answer"] for r in vqa if r["question_type"] == "position"} <= set(POSITIONS)
+    for question_type, baseline in summary["baselines"].items():
+        assert 0.0 <= baseline["accuracy"] <= 1.0 and baseline["test_rows"] > 0, question_type
+    tokenizer = load_tokenizer(synth_dir / "tokenizer")
+    lengths = [len(tokenizer.encode(r["answer"], add_special_tokens=False)) for r in describe]
+    assert 20 <= min(lengths) and max(lengths) <= 60

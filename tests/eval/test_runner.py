@@ -1,0 +1,164 @@
+"""`run_eval` end to end on a tiny random checkpoint, a demo task file and the local Ray cluster;
+`score_file` on its output."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dimoe.config.eval import EvalConfig
+from dimoe.config.infer import InferConfig
+from dimoe.config.loader import load_config
+from dimoe.config.model import ModelConfig
+from dimoe.eval.runner import MissingTaskData, run_eval, score_file
+from dimoe.model.build import build_model, save_checkpoint
+
+# Smaller than configs/model/tiny.yaml: every decoding forward runs on one CPU in a Ray actor.
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_experts": 4,
+    "moe_intermediate_size": 64,
+}
+SMALL_VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+}
+INFER = InferConfig.model_validate(
+    {
+        "presets": {
+            "fast": {"steps": 2, "gen_length": 8, "block_length": 8},
+            "best": {"steps": 4, "gen_length": 8, "block_length": 8},
+        },
+        "default_preset": "fast",
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory) -> Path:
+    spec = load_config("configs/model/tiny.yaml", ModelConfig)
+    spec = spec.model_copy(update={**SMALL, "vision": spec.vision.model_copy(update=SMALL_VISION)})
+    torch.manual_seed(0)
+    return save_checkpoint(build_model(spec, tokenizer), tokenizer, tmp_path_factory.mktemp("eval_ckpt"))
+
+
+@pytest.fixture
+def eval_config(tmp_path: Path) -> EvalConfig:
+    data = tmp_path / "DATA"
+    (data / "images").mkdir(parents=True)
+    for index, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (32, 32), colour).save(data / f"images/{index}.png")
+    rows = [
+        {
+            "id": "c0",
+            "image": "images/0.png",
+            "question": "What colour is the shape?",
+            "answer": "red",
+            "question_type": "colour",
+        },
+        {
+            "id": "c1",
+            "image": "images/1.png",
+            "question": "What colour is the shape?",
+            "answer": "blue",
+            "question_type": "colour",
+        },
+        {
+            "id": "c2",
+            "image": "images/0.png",
+            "question": "What colour is it?",
+            "answer": "red",
+            "question_type": "colour",
+        },
+        {
+            "id": "s0",
+            "image": "images/1.png",
+            "question": "What shape is it?",
+            "answer": "square",
+            "question_type": "shape",
+        },
+    ]
+    (data / "eval").mkdir()
+    (data / "eval/vqa_test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return EvalConfig.model_validate(
+        {
+            "data_root": str(data),
+            "suites": {"mini": ["demo_vqa_colour", "demo_vqa_shape", "gqa"]},
+            "tasks": {
+                "demo_vqa_colour": {"path": "eval/vqa_test.jsonl"},
+                "demo_vqa_shape": {"path": "eval/vqa_test.jsonl"},
+                "gqa": {"path": "benchmarks/gqa/testdev.json"},
+            },
+        }
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_eval_scores_a_suite_skips_missing_data_and_resumes(
+    ray_cluster, checkpoint, eval_config, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    scores = run_eval(eval_config, "mini", "fast", checkpoint, out, infer_config=INFER, batch_size=2)
+    assert scores["evaluated"] == ["demo_vqa_colour", "demo_vqa_shape"] and scores["reused"] == []
+    assert scores["skipped"] == ["gqa"]
+    gqa = scores["tasks"]["gqa"]
+    assert (
+        gqa["status"] == "skipped"
+        and "data file not found" in gqa["reason"]
+        and "testdev.json" in gqa["reason"]
+    )
+    colour = scores["tasks"]["demo_vqa_colour"]
+    assert colour["status"] == "done" and colour["n"] == 3 and 0.0 <= colour["score"] <= 1.0
+    assert colour["strategy"] == "threshold" and colour["preset"] == "fast"
+    assert 1 <= colour["mean_nfe"] <= 2  # 2 steps, one block: at most 2 forwards per request
+    assert colour["nfe_x_active_params_b"] == pytest.approx(colour["mean_nfe"] * scores["active_params_b"])
+    assert colour["tokens_per_s"] is not None and colour["mean_latency_s"] > 0
+    assert json.loads((out / "scores.json").read_text())["tasks"] == scores["tasks"]
+
+    predictions = read_jsonl(out / "demo_vqa_colour/predictions.jsonl")
+    assert [row["id"] for row in predictions] == ["c0", "c1", "c2"]
+    first = predictions[0]
+    assert {"id", "prompt", "output", "prediction", "gold", "score", "nfe", "latency_s"} <= set(first)
+    assert first["gold"] == {"answer": "red"} and first["prompt"].startswith("<image>\nWhat colour")
+    assert sum(row["score"] for row in predictions) / 3 == pytest.approx(colour["score"])
+
+    again = run_eval(eval_config, "mini", "fast", checkpoint, out, infer_config=INFER, batch_size=2)
+    assert again["evaluated"] == [] and again["reused"] == ["demo_vqa_colour", "demo_vqa_shape"]
+    assert again["tasks"] == scores["tasks"]
+
+    with pytest.raises(ValueError, match="different run .*settings"):
+        run_eval(eval_config, "mini", "best", checkpoint, out, infer_config=INFER)
+
+    rescored = score_file(
+        "demo_vqa_colour", out / "demo_vqa_colour/predictions.jsonl", None, tmp_path / "rescored"
+    )
+    assert rescored["score"] == pytest.approx(colour["score"]) and rescored["n"] == 3
+    assert (tmp_path / "rescored/results.jsonl").is_file()
+
+
+def test_a_task_asked_for_alone_fails_on_missing_data(checkpoint, eval_config, tmp_path: Path) -> None:
+    with pytest.raises(
+        MissingTaskData, match=r"task gqa: data file not found: .*testdev.json; set tasks.gqa.path"
+    ):
+        run_eval(eval_config, "gqa", "fast", checkpoint, tmp_path / "eval", infer_config=INFER)
+    with pytest.raises(ValueError, match="unknown suite or task 'vqa'; suites: mini; tasks: demo_vqa_colour"):
+        run_eval(eval_config, "vqa", "fast", checkpoint, tmp_path / "eval", infer_config=INFER)
+
+
+def test_score_file_takes_infer_outputs_and_ground_truth(eval_config, tmp_path: Path) -> None:
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text('{"id": "c0", "output": "Red."}\n{"id": "c1", "output": "green"}\n')
+    summary = score_file(
+        "demo_vqa_colour", preds, Path(eval_config.data_root) / "eval/vqa_test.jsonl", tmp_path / "scored"
+    )
+    assert summary["score"] == pytest.approx(0.5) and summary["n_gold_without_prediction"] == 1

@@ -1,0 +1,131 @@
+"""The generation engine: prefix cache, batch invariance, early stop, streaming, request errors."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dimoe.config.loader import ConfigError
+from dimoe.infer.engine import GenerationEngine, ModelLogits
+from dimoe.infer.inputs import Request
+
+
+def test_prefix_cache_gives_the_logits_of_the_full_sequence(engine, requests_mixed):
+    settings = engine.settings()
+    batch = engine.collate([engine.encode(i, r, settings) for i, r in enumerate(requests_mixed)])
+    gen_length = 12
+    cached = ModelLogits(engine.model, batch, gen_length, use_cache=True)
+    uncached = ModelLogits(engine.model, batch, gen_length, use_cache=False)
+    response = torch.randint(
+        10, 200, (len(requests_mixed), gen_length), generator=torch.Generator().manual_seed(0)
+    )
+    response[:, ::3] = engine.model.config.mask_token_id
+    for rows in (torch.arange(4), torch.tensor([1, 2]), torch.tensor([3])):
+        with torch.no_grad():
+            expected = uncached.response(response[rows], rows)
+            got = cached.response(response[rows], rows)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _outputs(results):
+    return [(r.id, r.output_ids, r.nfe) for r in results]
+
+
+def test_engine_outputs_are_identical_with_and_without_cache(engine, requests_mixed):
+    with_cache = engine.generate(requests_mixed)
+    without = engine.generate(requests_mixed, prefix_cache=False)
+    assert _outputs(with_cache) == _outputs(without)
+    assert any(r.nfe < engine.settings().steps for r in with_cache)  # parallel reveals happened
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "llada"])
+def test_outputs_do_not_depend_on_the_rest_of_the_batch(engine, requests_mixed, strategy):
+    together = engine.generate(requests_mixed, strategy=strategy, batch_size=4)
+    alone = [engine.generate([r], strategy=strategy)[0] for r in requests_mixed]
+    reordered = engine.generate(requests_mixed[::-1], strategy=strategy, batch_size=3)[::-1]
+    assert _outputs(together) == _outputs(alone) == _outputs(reordered)
+
+
+def test_results_hold_prompt_output_and_accounting(engine, tokenizer, requests_mixed):
+    results = engine.generate(requests_mixed, strategy="llada")
+    assert [r.id for r in results] == [r.id for r in requests_mixed]
+    image = results[2]
+    assert image.prompt_ids.count(engine.model.config.image_token_id) == engine.model.config.num_image_tokens
+    for result in results:
+        assert result.nfe == engine.settings().steps and result.latency_s > 0
+        assert tokenizer.eos_token_id not in result.output_ids and len(result.output_ids) <= 32
+        assert result.output == tokenizer.decode(result.output_ids, skip_special_tokens=True)
+
+
+@pytest.fixture
+def eos_biased(engine):
+    """The engine's model with every position's logits pushed towards EOS."""
+    eos = engine.model.config.eos_token_id
+
+    def push_eos(module, inputs, output):
+        output[..., eos] += 100.0
+        return output
+
+    handle = engine.model.lm_head.register_forward_hook(push_eos)
+    yield engine
+    handle.remove()
+
+
+def test_early_stop_ends_with_eos_and_saves_forwards(eos_biased, requests_mixed):
+    threshold = eos_biased.generate(requests_mixed, strategy="threshold")
+    llada = eos_biased.generate(requests_mixed, strategy="llada")
+    assert all(r.output_ids == [] and r.output == "" for r in threshold + llada)
+    assert [r.nfe for r in threshold] == [1] * 4
+    assert [r.nfe for r in llada] == [eos_biased.settings().steps] * 4
+
+
+def test_stream_yields_committed_blocks_then_the_result(engine, requests_mixed):
+    chunks = list(engine.generate_stream(requests_mixed[:2], strategy="llada"))
+    final = engine.generate(requests_mixed[:2], strategy="llada")
+    for index in range(2):
+        own = [c for c in chunks if c.index == index]
+        assert [c.block for c in own] == [0, 1] and [c.done for c in own] == [False, True]
+        assert final[index].output.startswith(own[0].text) and own[-1].text == final[index].output
+        assert _outputs([own[-1].result]) == _outputs([final[index]])
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(engine):
+    long = Request("too-long", prompt="There is a red circle at the left of the image. " * 80)
+    with pytest.raises(
+        ValueError,
+        match=r"request 'too-long': prompt of \d+ tokens \+ gen_length 32 = \d+ tokens "
+        r"exceeds the model's context of 512",
+    ):
+        engine.generate([Request("fine", prompt="Hi"), long])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"preset": "turbo"}, r"unknown preset 'turbo' \(valid: fast\)"),
+        ({"strategy": "greedy"}, r"unknown strategy 'greedy' \(valid: threshold, llada\)"),
+        ({"steps": 7}, r"steps=7 must be a multiple of the number of blocks"),
+        ({"remasking": "random"}, r"threshold strategy .* needs remasking=low_confidence"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(engine, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        engine.generate([Request("a", prompt="Hi")], **kwargs)
+
+
+def test_bad_requests_name_the_request(engine, full_model, tokenizer):
+    with pytest.raises(ValueError, match=r"request 'x': give exactly one of `prompt` and `messages`"):
+        engine.generate([Request("x")])
+    with pytest.raises(ValueError, match=r"request 'bad-image': not a readable"):
+        engine.generate([Request("bad-image", prompt="Hi", image=b"not an image")])
+    with pytest.raises(ValueError, match=r"request 'roles': .*must end with a user turn"):
+        engine.generate(
+            [
+                Request(
+                    "roles",
+                    messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                )
+            ]
+        )
+    text_only = GenerationEngine(full_model, tokenizer, engine.config)
+    with pytest.raises(ValueError, match=r"request 'img': .*no vision tower"):
+        text_only.generate([Request("img", prompt="Hi", image=Image.new("RGB", (8, 8)))])
