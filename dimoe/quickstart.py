@@ -8,6 +8,7 @@ where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,45 +34,169 @@ class QuickstartContext:
     seed: int = 0
 
     @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
+    def demo_dir(self) -> Path:
+        return self.root / "data" / "demo"
 
     @property
-    def init_checkpoint(self) -> Path:
-        return self.root / "models" / "tiny-init"
+    def data_dir(self) -> Path:
+        return self.root / "data" / "v1"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.demo_dir / "tokenizer"
 
 
-def _train_tokenizer(ctx: QuickstartContext) -> dict[str, Any]:
-    from dimoe.data.tokenizer import train_tokenizer
+def _synth(ctx: QuickstartContext) -> dict[str, Any]:
+    from dimoe.data.synthetic import synthesize
 
-    texts = [f"There are {n} {c} shapes on the {p}." for n in range(1, 4) for c in "red green blue".split()
-             for p in "left right top bottom".split()]
-    tok = train_tokenizer(texts * 4, 512, ctx.tokenizer_dir)
-    return {"tokenizer": str(ctx.tokenizer_dir), "vocab": len(tok)}
+    summary = synthesize(ctx.demo_dir, seed=ctx.seed, size=600 if ctx.fast else 3000)
+    return {"data": str(ctx.demo_dir), "baselines": summary["baselines"]}
 
 
-def _init_model(ctx: QuickstartContext) -> dict[str, Any]:
+def _normalize_and_blend(ctx: QuickstartContext) -> dict[str, Any]:
+    from dimoe.config.data import BlendConfig
     from dimoe.config.loader import load_config
-    from dimoe.config.model import ModelConfig
-    from dimoe.data.tokenizer import load_tokenizer
-    from dimoe.model.build import build_model, load_checkpoint, save_checkpoint
-    from dimoe.model.params import count_parameters
+    from dimoe.data.blend import build_stage_blends
+    from dimoe.data.normalize import normalize
 
-    tok = load_tokenizer(ctx.tokenizer_dir)
-    model = build_model(load_config("configs/model/tiny.yaml", ModelConfig), tok, seed=ctx.seed)
-    save_checkpoint(model, tok, ctx.init_checkpoint)
-    reloaded, _ = load_checkpoint(ctx.init_checkpoint)
-    return {"checkpoint": str(ctx.init_checkpoint), **count_parameters(reloaded).as_dict()}
+    summary = normalize(ctx.demo_dir / "raw", ctx.data_dir, ctx.tokenizer_dir)
+    overrides = [f"data_dir={ctx.data_dir}"]
+    if ctx.fast:
+        overrides += [f"blends.{b}.size={n}" for b, n in BLEND_SIZES_FAST.items()]
+    report = build_stage_blends(load_config("configs/data/stage_blends.yaml", BlendConfig, overrides))
+    return {
+        "normalized": str(ctx.data_dir),
+        "rows": summary["totals"],
+        "blends": sorted(report.get("blends", report)),
+    }
+
+
+BLEND_SIZES_FAST = {"stage0_naive": 600, "stage1_align": 300, "stage2_full": 600, "stage3_lownfe": 400}
+STEPS_FAST = {"stage0_naive": 20, "stage1_align": 6, "stage2_full": 20, "stage3_lownfe": 8}
+
+
+def _train(ctx: QuickstartContext) -> dict[str, Any]:
+    from dimoe.train.launcher import load_curriculum, run_curriculum
+
+    overrides = [
+        f"data.data_dir={ctx.data_dir}",
+        f"tokenizer={ctx.tokenizer_dir}",
+        f"output_dir={ctx.train_dir}",
+    ]
+    configs = load_curriculum("configs/train/tiny", overrides)
+    if ctx.fast:
+        configs = [c.model_copy(update={"max_steps": STEPS_FAST[c.stage], "log_every": 5}) for c in configs]
+    results = run_curriculum(configs)
+    return {r.stage: str(r.final_dir) for r in results}
+
+
+# The tiny profile trains 32-token responses (EOS-padded); decoding uses the same length.
+DEMO_DECODE = {"gen_length": 32, "block_length": 32}
+PRESETS = ("fast", "mid", "best")
+DEMO_TASKS = ("demo_vqa_colour", "demo_vqa_shape", "demo_vqa_count", "demo_vqa_position", "demo_describe")
+
+
+def _final(ctx: QuickstartContext, stage: str) -> Path:
+    return ctx.train_dir / stage / "final"
+
+
+def _evaluate(ctx: QuickstartContext) -> dict[str, Any]:
+    from dimoe.config.eval import EvalConfig
+    from dimoe.config.loader import load_config
+    from dimoe.eval.runner import run_eval
+    from dimoe.eval.summarize import summarize
+
+    overrides = [f"data_root={ctx.demo_dir}"]
+    if ctx.fast:
+        overrides += [f"tasks.{task}.max_samples=24" for task in DEMO_TASKS]
+    cfg = load_config("configs/eval/default.yaml", EvalConfig, overrides)
+    eval_root = ctx.root / "eval"
+    runs = {
+        (stage, preset): eval_root / f"{stage}_{preset}" for stage in ("stage3_lownfe",) for preset in PRESETS
+    }
+    runs[("stage0_naive", "best")] = eval_root / "stage0_naive_best"
+    scores = {}
+    for (stage, preset), out in runs.items():
+        result = run_eval(cfg, "demo", preset, _final(ctx, stage), out, overrides=DEMO_DECODE, batch_size=32)
+        label = "naive" if stage == "stage0_naive" else "final"
+        scores[f"{label}/{preset}"] = {
+            task: round(r["score"], 3) for task, r in result["tasks"].items() if "score" in r
+        }
+    tables = summarize(list(runs.values()), ctx.root / "results")
+    _print_accuracy_table(scores, _majority_baselines(ctx))
+    console.print(f"full tables (with NFE, tokens/s, NFE × active params): {tables['markdown']}")
+    return {"scores": scores, "tables": {k: str(v) for k, v in tables.items()}}
+
+
+def _majority_baselines(ctx: QuickstartContext) -> dict[str, float]:
+    """Majority-answer accuracy per demo task, computed by the generator on the test split."""
+    baselines = json.loads((ctx.demo_dir / "synth_summary.json").read_text())["baselines"]
+    return {
+        f"demo_vqa_{kind}" if kind != "describe" else "demo_describe": b["accuracy"]
+        for kind, b in baselines.items()
+    }
+
+
+def _print_accuracy_table(scores: dict[str, dict[str, float]], baselines: dict[str, float]) -> None:
+    from rich.table import Table
+
+    table = Table(title="exact match on the demo test split (majority-answer baseline beside it)")
+    table.add_column("task")
+    for run in scores:
+        table.add_column(run, justify="right")
+    table.add_column("majority", justify="right")
+    for task in DEMO_TASKS:
+        cells = [f"{scores[run].get(task, float('nan')):.3f}" for run in scores]
+        table.add_row(task, *cells, f"{baselines.get(task, float('nan')):.3f}")
+    console.print(table)
+
+
+def _diagnose(ctx: QuickstartContext) -> dict[str, Any]:
+    from dimoe.diag import diag_gradient, diag_routing, diag_supervision
+
+    full, naive, out = (
+        ctx.train_dir / "stage2_full" / "logs",
+        ctx.train_dir / "stage0_naive" / "logs",
+        ctx.root / "diag",
+    )
+    routing = diag_routing(full, out / "routing", compare=naive)
+    supervision = diag_supervision(
+        ctx.data_dir / "blends" / "stage2_full", out / "supervision", "stratified",
+        views="complementary", train_log=full, compare=naive,
+    )  # fmt: skip
+    gradient = diag_gradient(full, out / "gradient", compare=naive)
+    return {"diag": str(out), "routing": _headline(routing), "supervision": _headline(supervision),
+            "gradient": _headline(gradient)}  # fmt: skip
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The headline metrics of a diag summary (side by side when it compares two runs)."""
+    if "this" in summary:
+        return {run: summary[run].get("headline") for run in ("this", "other")}
+    return summary.get("headline", {})
 
 
 STEPS = [
-    Step("tokenizer", "train the demo tokenizer", _train_tokenizer),
-    Step("model_init", "build, save and reload the tiny model", _init_model),
+    Step("synth", "generate the built-in data and tokenizer (dimoe data synth)", _synth),
+    Step("data", "normalize and build the four stage blends (Ray Data → Parquet)", _normalize_and_blend),
+    Step("train", "train stage0 → stage1 → stage2 → stage3 (Ray Train + DeepSpeed, 2 workers)", _train),
+    Step("eval", "evaluate the final checkpoint at fast / mid / best and the naive stage", _evaluate),
+    Step("diag", "diagnostics A–F of the full stage versus the naive stage (JSON + PNG)", _diagnose),
 ]
 
 
-def run_quickstart(root: str | Path = "artifacts", *, fast: bool = False, restart: bool = False) -> dict[str, Any]:
+def run_quickstart(
+    root: str | Path = "artifacts", *, fast: bool = False, restart: bool = False
+) -> dict[str, Any]:
+    import ray
+
     ctx = QuickstartContext(Path(root), fast)
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 2, 2))
     markers = ctx.root / "quickstart"
     markers.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

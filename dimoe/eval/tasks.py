@@ -504,6 +504,10 @@ class DemoTask(Task):
                              f"{self.name} (found: {', '.join(found) or 'no rows'})")
         return selected
 
+    def build_prompt(self, row: Row) -> dict[str, str]:
+        # The demo model is trained on the bare questions: no short-answer instruction.
+        return _with_image(row, row["question"])
+
     def score(self, row: Row, prediction: str) -> float:
         return metrics.exact_match(prediction, row["answer"])
 
@@ -534,9 +538,6 @@ class DemoDescribeTask(DemoTask):
 
     question_type = "describe"
     extra_metrics = ("token_f1",)
-
-    def build_prompt(self, row: Row) -> dict[str, str]:
-        return _with_image(row, row["question"])
 
     def details(self, row: Row, prediction: str) -> dict[str, Any]:
         return {"token_f1": metrics.token_f1(prediction, row["answer"])}
