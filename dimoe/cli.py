@@ -273,8 +273,12 @@ def infer_generate(
 @infer_app.command("benchmark")
 @user_errors
 def infer_benchmark(
-    checkpoint: Annotated[Path, typer.Option(help="HF-format checkpoint directory.")],
-    dataset_jsonl: Annotated[Path, typer.Option(help="Prompt file (same rows as `infer generate`).")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint (offline benchmark of the engine).")
+    ] = None,
+    dataset_jsonl: Annotated[
+        Path | None, typer.Option(help="Prompt file (same rows as `infer generate`).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Where to write bench.json.")] = Path("bench.json"),
     preset: Preset = "mid",
     strategy: Strategy = None,
@@ -282,8 +286,26 @@ def infer_benchmark(
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     config: InferConfigOpt = None,
     set_: SetOption = None,
+    serve_url: Annotated[
+        str | None, typer.Option(help="Benchmark a running server instead (http:// or grpc://).")
+    ] = None,
+    concurrency: Annotated[
+        str, typer.Option(help="With --serve-url: comma-separated client counts.")
+    ] = "1,8,32",
+    requests: Annotated[int, typer.Option(help="With --serve-url: requests per concurrency level.")] = 200,
 ) -> None:
-    """Latency p50/p95, tokens/s, NFE and NFE × active params — the strategy beside `llada`."""
+    """Offline: latency, tokens/s, NFE and NFE × active params of the strategy beside `llada`.
+    With --serve-url: a Ray actor drives load against the server and reports percentiles."""
+    if serve_url is not None:
+        from dimoe.serving.load import run_serve_benchmark
+
+        levels = [int(c) for c in concurrency.split(",")]
+        report = run_serve_benchmark(serve_url, levels, requests, preset=preset)
+        out.write_text(json.dumps(report, indent=2))
+        print_json(report)
+        return
+    if checkpoint is None or dataset_jsonl is None:
+        raise ValueError("give --checkpoint and --dataset-jsonl (offline benchmark) or --serve-url (server)")
     from dimoe.infer.benchmark import run_benchmark
 
     print_json(
@@ -292,6 +314,24 @@ def infer_benchmark(
             config_path=config, set_overrides=set_ or [],
         )
     )  # fmt: skip
+
+
+@infer_app.command("serve")
+@user_errors
+def infer_serve(
+    checkpoint: Annotated[Path, typer.Option(help="HF-format checkpoint directory.")],
+    port: Annotated[int | None, typer.Option(help="HTTP port (default from the serve config: 8000).")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default from the serve config).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Serve config YAML.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Serve a checkpoint with Ray Serve: OpenAI-compatible REST, native REST and gRPC, until Ctrl-C."""
+    from dimoe.serving.server import start_server
+
+    start_server(
+        checkpoint, config=config, set_overrides=set_ or [], host=host, http_port=port, grpc_port=grpc_port
+    )
 
 
 # -- eval --------------------------------------------------------------------------------------------

@@ -180,12 +180,68 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
     return summary.get("headline", {})
 
 
+def _serve(ctx: QuickstartContext) -> dict[str, Any]:
+    """Start the Serve app, ask one image question over the OpenAI-compatible endpoint and one over
+    gRPC, print both answers, shut down."""
+    import base64
+    import importlib
+    import socket
+
+    import grpc
+    from openai import OpenAI
+
+    from dimoe.serving.load import GRPC_STUBS
+    from dimoe.serving.server import start_server_background
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    row = json.loads((ctx.demo_dir / "eval" / "vqa_test.jsonl").read_text().splitlines()[0])
+    image = (ctx.demo_dir / row["image"]).read_bytes()
+    server = start_server_background(
+        _final(ctx, "stage3_lownfe"), http_port=free_port(), grpc_port=free_port()
+    )
+    try:
+        client = OpenAI(base_url=server.urls()["openai_base_url"], api_key="unused")
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        reply = client.chat.completions.create(
+            model=server.config.model_name,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": row["question"]},
+            ]}],
+            max_tokens=DEMO_DECODE["gen_length"],
+            extra_body={"preset": "fast"},
+        )  # fmt: skip
+        pb2 = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2")
+        pb2_grpc = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2_grpc")
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            request = pb2.GenerateRequest(
+                prompt=row["question"], image=image, preset="fast", gen_length=DEMO_DECODE["gen_length"]
+            )
+            answer = pb2_grpc.DiMoEStub(channel).Generate(request, timeout=120)
+    finally:
+        server.stop()
+    result = {
+        "question": row["question"],
+        "gold": row["answer"],
+        "openai_answer": reply.choices[0].message.content,
+        "grpc_answer": answer.text,
+        "nfe": answer.nfe,
+    }
+    console.print(f"[bold]Q:[/] {row['question']}  [bold]OpenAI endpoint:[/] {result['openai_answer']!r}  "
+                  f"[bold]gRPC:[/] {result['grpc_answer']!r}  (gold {row['answer']!r})")  # fmt: skip
+    return result
+
+
 STEPS = [
     Step("synth", "generate the built-in data and tokenizer (dimoe data synth)", _synth),
     Step("data", "normalize and build the four stage blends (Ray Data → Parquet)", _normalize_and_blend),
     Step("train", "train stage0 → stage1 → stage2 → stage3 (Ray Train + DeepSpeed, 2 workers)", _train),
     Step("eval", "evaluate the final checkpoint at fast / mid / best and the naive stage", _evaluate),
     Step("diag", "diagnostics A–F of the full stage versus the naive stage (JSON + PNG)", _diagnose),
+    Step("serve", "serve the final checkpoint (Ray Serve) and ask over REST and gRPC", _serve),
 ]
 
 

@@ -35,6 +35,9 @@ def test_every_artifact_exists(quickstart):
         scores = json.loads((out / "eval" / run / "scores.json").read_text())
         assert set(scores["tasks"]) >= {"demo_vqa_colour", "demo_describe"}
     assert (out / "results/summary.md").is_file()
+    served = json.loads((out / "quickstart/serve.done").read_text())
+    assert isinstance(served["openai_answer"], str) and isinstance(served["grpc_answer"], str)
+    assert served["nfe"] >= 1
     for kind in ("routing", "supervision", "gradient"):
         assert (out / "diag" / kind / "summary.json").is_file()
         assert list((out / "diag" / kind).glob("*.png")), kind

@@ -324,12 +324,19 @@ def normalize(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     root = Path(datasets_root) if datasets_root is not None else in_dir
     load_tokenizer(tokenizer_dir)  # fail here, with a clear message, rather than in every actor
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
+
+    def lap() -> float:
+        """Seconds since the previous lap (for the summary's `timings_s`)."""
+        marks.append(time.perf_counter())
+        return round(marks[-1] - marks[-2], 3)
+
     files = discover_inputs(in_dir, config)
     raw_rows = read_raw_records(files)
     if not raw_rows:
         raise NormalizeError(f"the input files in {in_dir} hold no records")
     read_counts = Counter(row["source"] for row in raw_rows)
+    timings = {"read": lap()}
     ensure_ray()
     num_blocks = math.ceil(len(raw_rows) / config.rows_per_block)
     num_actors = min(num_blocks, config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1))))
@@ -351,22 +358,28 @@ def normalize(
             .materialize()
         )
         del raw_rows  # processed; free the driver's copy before the writes
+        timings["process"] = lap()  # includes starting the actors (imports, tokenizer load)
         # Built-in expressions, not Python UDFs: the write tasks then need no import of this package.
         for stage in config.stages:
             rows = processed.filter(expr=col("reason").is_null() & (col("stage") == stage))
             write_parquet(rows.select_columns(NORMALIZED_SCHEMA.names), tmp / stage, config.rows_per_file)
         rejects = processed.filter(expr=col("reason").is_not_null()).select_columns(REJECT_SCHEMA.names)
         write_parquet(rejects, tmp / REJECTS_DIR, config.rows_per_file)
+        timings["write"] = lap()
         summary = _summarize(processed, read_counts, files)
+        timings["summarize"] = lap()
+        seconds = round(marks[-1] - marks[0], 3)
         summary.update(
             in_dir=str(in_dir),
             out_dir=str(out_dir),
             tokenizer_dir=str(tokenizer_dir),
             datasets_root=str(root),
             config=config.model_dump(mode="json"),
-            seconds=round(time.perf_counter() - start, 3),
+            num_actors=num_actors,
+            seconds=seconds,
+            timings_s=timings,
+            rows_per_second=round(summary["totals"]["read"] / max(seconds, 1e-9), 1),
         )
-        summary["rows_per_second"] = round(summary["totals"]["read"] / max(summary["seconds"], 1e-9), 1)
         write_json(tmp / SUMMARY_FILE, summary)
     return summary
 

@@ -1,0 +1,50 @@
+"""A tiny checkpoint and one real local Serve application for the serving tests (package scope)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimoe.infer.engine import GenerationEngine
+from dimoe.model.build import build_model, save_checkpoint
+from dimoe.serving.server import start_server_background
+
+# `serve` (the gRPC stubs) and `tests.serve.support` import from the project root, whichever way
+# pytest was started.
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.serve.support import API_KEY, LIMITS, MODEL, SMALL, free_port  # noqa: E402
+
+
+@pytest.fixture(scope="package")
+def checkpoint(tokenizer, tiny_spec, tmp_path_factory):
+    model = build_model(tiny_spec.model_copy(update=SMALL), tokenizer, seed=0)
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("serve_ckpt"))
+
+
+@pytest.fixture(scope="package")
+def server(ray_cluster, checkpoint):
+    running = start_server_background(
+        checkpoint,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        api_key=API_KEY,
+        model_name=MODEL,
+        # A long wait so that requests sent together surely share a batch on a busy machine.
+        batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.25},
+        limits=LIMITS,
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="package")
+def engine(checkpoint):
+    """The same checkpoint decoded in this process, single-threaded like the replica."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield GenerationEngine.from_checkpoint(checkpoint)
+    torch.set_num_threads(previous)
