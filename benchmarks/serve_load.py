@@ -58,7 +58,7 @@ def run_one(checkpoint: Path, max_batch_size: int, args: argparse.Namespace) -> 
     server = start_server_background(
         checkpoint,
         http_port=free_port(),
-        grpc_port=free_port() if args.protocol == "grpc" else None,
+        grpc_port=free_port(),  # always a free one: the config's default (9000) may be taken
         batching={"max_batch_size": max_batch_size, "batch_wait_timeout_s": args.batch_wait},
     )
     try:

@@ -26,7 +26,7 @@ class GrpcMethods:
     """Mixed into the ingress, which provides `auth`, `limits`, `metrics`, `model_name` and
     `decoder` (a DecoderClient)."""
 
-    async def Generate(  # noqa: N802 - the RPC's name
+    async def Generate(
         self, request: pb2.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> pb2.GenerateResponse:
         try:
@@ -37,7 +37,7 @@ class GrpcMethods:
         self.metrics.request("Generate", "grpc", 200)
         return response_message(completion)
 
-    async def GenerateStream(  # noqa: N802 - the RPC's name
+    async def GenerateStream(
         self, request: pb2.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb2.GenerateChunk]:
         try:
@@ -55,7 +55,7 @@ class GrpcMethods:
             )
         self.metrics.request("GenerateStream", "grpc", 200)
 
-    async def Health(  # noqa: N802 - the RPC's name
+    async def Health(
         self, request: pb2.HealthRequest, grpc_context: RayServegRPCContext
     ) -> pb2.HealthResponse:
         try:

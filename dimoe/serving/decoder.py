@@ -29,6 +29,9 @@ class PreparedJob:
 
 
 class DecoderCore:
+    """A GenerationEngine serving decode jobs; the model's active parameters are counted once for
+    the NFE × active-parameters figure of every completion."""
+
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
         self.active_params_b = count_parameters(engine.model).active_b
@@ -42,8 +45,9 @@ class DecoderCore:
         return self.engine.model.config.max_position_embeddings
 
     def prepare(self, job: DecodeJob) -> PreparedJob:
-        """Resolve the settings and chat-encode the prompt once, so that a bad request is refused
-        alone instead of failing the batch it would join. RequestRejected if unusable."""
+        """Resolve the settings and check the prompt (chat-encode it) before the job joins a batch:
+        a bad request is then refused alone instead of failing the engine call of the whole batch.
+        RequestRejected if unusable."""
         settings = fit_settings(self.engine.config, job.preset, job.overrides)
         try:
             encoded = self.engine.encode(0, job.request, settings)

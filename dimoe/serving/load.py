@@ -21,7 +21,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+import ray
 
+from dimoe.serving.http import resolve_api_key
 from dimoe.serving.server import GRPC_STUBS, worker_pythonpath
 
 PROMPTS = (
@@ -58,7 +60,7 @@ class LoadDriver:
         url: str,
         *,
         api_key: str | None = None,
-        model: str = "dimoe-vl",
+        model: str | None = None,
         preset: str | None = "fast",
         max_tokens: int = 16,
         timeout_s: float = 300.0,
@@ -82,10 +84,11 @@ class LoadDriver:
         async with httpx.AsyncClient(
             base_url=self.url, headers=headers, limits=limits, timeout=self.timeout_s
         ) as client:
+            model = self.model or await served_model(client)
 
             async def call(index: int) -> Sample:
                 body: dict[str, Any] = {
-                    "model": self.model,
+                    "model": model,
                     "messages": [{"role": "user", "content": prompt_of(index)}],
                     "max_tokens": self.max_tokens,
                 }
@@ -130,6 +133,14 @@ class LoadDriver:
                 return Sample(latency, None, reply.completion_tokens, reply.nfe, reply.nfe_x_active_params_b)
 
             return await measure(call, concurrency, requests, warmup)
+
+
+async def served_model(client: httpx.AsyncClient) -> str:
+    """The model the server serves (the first of GET /v1/models)."""
+    response = await client.get("/v1/models")
+    if response.status_code != 200:
+        raise RuntimeError(f"GET /v1/models answered {response.status_code}: {response.text[:200]}")
+    return response.json()["data"][0]["id"]
 
 
 async def measure(
@@ -183,7 +194,7 @@ def run_serve_benchmark(
     requests: int,
     *,
     api_key: str | None = None,
-    model: str = "dimoe-vl",
+    model: str | None = None,
     preset: str | None = "fast",
     max_tokens: int = 16,
     warmup: int | None = None,
@@ -191,12 +202,15 @@ def run_serve_benchmark(
     use_ray: bool = True,
 ) -> dict[str, Any]:
     """`dimoe infer benchmark --serve-url URL --concurrency 1,8,32 --requests N`: the report of
-    the module docstring for each concurrency level, in order. `warmup` requests (default: one
-    per client) run before each level and are not counted. The driver runs as a Ray actor
-    (connecting to the running Ray, or starting a local one for the run) unless `use_ray=False`."""
+    the module docstring for each concurrency level, in order. `api_key` defaults to the
+    DIMOE_API_KEY environment variable, `model` to the one the server lists. `warmup` requests
+    (default: one per client) run before each level and are not counted. The driver runs as a Ray
+    actor (connecting to the running Ray, or starting a local one for the run) unless
+    `use_ray=False`."""
     levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
     if not levels or min(levels) < 1 or requests < 1:
         raise ValueError(f"need concurrency levels >= 1 and requests >= 1, got {levels} and {requests}")
+    api_key = api_key if api_key is not None else resolve_api_key(None)
     options = {
         "api_key": api_key,
         "model": model,
@@ -206,8 +220,6 @@ def run_serve_benchmark(
     }
     results = []
     if use_ray:
-        import ray
-
         owns_ray = not ray.is_initialized()
         if owns_ray:
             # The actor imports the gRPC stubs from the project directory.

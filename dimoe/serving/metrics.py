@@ -1,8 +1,8 @@
 """Serving metrics, exported through Ray's metrics agent (names gain a `ray_` prefix, e.g.
 `ray_dimoe_serve_batch_size_bucket`); Serve adds the deployment, replica and application tags.
 
-Tags stay low-cardinality: endpoint paths, protocols, error kinds and strategies — never request
-ids or prompts. Create these objects inside a replica (the metrics need a running Ray worker).
+Tags stay low-cardinality: endpoint paths or RPC names, protocols, error kinds and strategies —
+never request ids or prompts. Create these objects inside a replica (they need a Ray worker).
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def start_server_background(
     config: a configs/serve/*.yaml (None: the schema defaults); the arguments override it when not
     None, then `fields` (further ServeConfig keys, e.g. `batching={"max_batch_size": 32}`, merged
     into the config's mappings), then the `--set` overrides. Connects to a running Ray (RAY_ADDRESS
-    or an earlier `ray.init`) or starts a local one."""
+    or an earlier `ray.init`) or starts a local one. Serve's ports are cluster-wide: on a cluster
+    where Serve already runs, its existing ports stay (Serve logs that the new ones are ignored)."""
     cfg = load_serve_config(
         config,
         set_overrides,
@@ -170,10 +171,15 @@ def start_server_background(
     grpc_options = None
     if cfg.grpc_port is not None:
         grpc_options = gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
-    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port), grpc_options=grpc_options)
-    module, _, name = APP_BUILDER.partition(":")
-    build_app = getattr(importlib.import_module(module), name)
-    serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/", blocking=False)
+    try:
+        serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port), grpc_options=grpc_options)
+        module, _, name = APP_BUILDER.partition(":")
+        build_app = getattr(importlib.import_module(module), name)
+        serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/", blocking=False)
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
     return RunningServer(cfg, owns_ray)
 
 
