@@ -37,12 +37,16 @@ def tiny_model(tiny_spec, tokenizer):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the whole session (2 CPUs, small object store)."""
+    """One real local Ray cluster for the whole session (small object store).
+
+    Four logical CPUs on a 2-core machine: the suite's Serve replicas, 2 training workers and the
+    Ray Data tasks that stream a blend must all be schedulable at once, or training waits forever
+    for data (a CPU-reservation deadlock, not a speed question)."""
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
