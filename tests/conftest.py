@@ -29,6 +29,22 @@ def tiny_spec() -> ModelConfig:
     return load_config("configs/model/tiny.yaml", ModelConfig)
 
 
+@pytest.fixture(scope="session")
+def small_spec(tiny_spec) -> ModelConfig:
+    """Smaller than configs/model/tiny.yaml, for tests that run many decoding forwards."""
+    vision = tiny_spec.vision.model_copy(
+        update={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+        }
+    )
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_experts": 4}
+    return tiny_spec.model_copy(update={**small, "moe_intermediate_size": 64, "vision": vision})
+
+
 @pytest.fixture
 def tiny_model(tiny_spec, tokenizer):
     torch.manual_seed(0)

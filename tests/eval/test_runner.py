@@ -10,26 +10,9 @@ from PIL import Image
 
 from dimoe.config.eval import EvalConfig
 from dimoe.config.infer import InferConfig
-from dimoe.config.loader import load_config
-from dimoe.config.model import ModelConfig
 from dimoe.eval.runner import MissingTaskData, run_eval, score_file
 from dimoe.model.build import build_model, save_checkpoint
 
-# Smaller than configs/model/tiny.yaml: every decoding forward runs on one CPU in a Ray actor.
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_experts": 4,
-    "moe_intermediate_size": 64,
-}
-SMALL_VISION = {
-    "image_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-}
 INFER = InferConfig.model_validate(
     {
         "presets": {
@@ -42,11 +25,11 @@ INFER = InferConfig.model_validate(
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tokenizer, tmp_path_factory) -> Path:
-    spec = load_config("configs/model/tiny.yaml", ModelConfig)
-    spec = spec.model_copy(update={**SMALL, "vision": spec.vision.model_copy(update=SMALL_VISION)})
+def checkpoint(small_spec, tokenizer, tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return save_checkpoint(build_model(spec, tokenizer), tokenizer, tmp_path_factory.mktemp("eval_ckpt"))
+    return save_checkpoint(
+        build_model(small_spec, tokenizer), tokenizer, tmp_path_factory.mktemp("eval_ckpt")
+    )
 
 
 @pytest.fixture

@@ -5,45 +5,15 @@ import torch
 from PIL import Image
 
 from dimoe.config.infer import InferConfig
-from dimoe.config.loader import load_config
-from dimoe.config.model import ModelConfig
-from dimoe.data.tokenizer import train_tokenizer
 from dimoe.infer.engine import GenerationEngine
 from dimoe.infer.inputs import Request
 from dimoe.model.build import build_model, save_checkpoint
 
-COLOURS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square", "triangle"]
-# Smaller than configs/model/tiny.yaml so that the whole folder runs in seconds.
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_experts": 4,
-    "moe_intermediate_size": 64,
-}
-SMALL_VISION = {
-    "image_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-}
 
-
-def corpus() -> list[str]:
-    lines = []
-    for i in range(300):
-        colour, shape = COLOURS[i % 4], SHAPES[i % 3]
-        lines.append(f"There is a {colour} {shape} at the {'left' if i % 2 else 'right'} of the image.")
-        lines.append(f"What is {i} plus {i % 7}? The answer is {i + i % 7}.")
-    return lines
-
-
-def make_model(tokenizer, attention: str, vision: bool):
-    spec = load_config("configs/model/tiny.yaml", ModelConfig)
-    spec_vision = spec.vision.model_copy(update=SMALL_VISION) if vision else None
-    spec = spec.model_copy(update={**SMALL, "attention": attention, "vision": spec_vision})
+def make_model(small_spec, tokenizer, attention: str, vision: bool):
+    spec = small_spec.model_copy(
+        update={"attention": attention, "vision": small_spec.vision if vision else None}
+    )
     model = build_model(spec, tokenizer, seed=0).eval()
     with torch.no_grad():
         # A random model's softmax is nearly uniform; sharpen it so that confidences spread over
@@ -63,20 +33,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    return train_tokenizer(corpus(), 500, tmp_path_factory.mktemp("infer_tok"))
-
-
-@pytest.fixture(scope="session")
-def prefix_model(tokenizer):
+def prefix_model(small_spec, tokenizer):
     """Trained-with-prefix-mask layout (cacheable), with a vision tower."""
-    return make_model(tokenizer, "prefix", vision=True)
+    return make_model(small_spec, tokenizer, "prefix", vision=True)
 
 
 @pytest.fixture(scope="session")
-def full_model(tokenizer):
+def full_model(small_spec, tokenizer):
     """Full attention, text only."""
-    return make_model(tokenizer, "full", vision=False)
+    return make_model(small_spec, tokenizer, "full", vision=False)
 
 
 @pytest.fixture(scope="session")
