@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from dimoe.data.chat import Message
-from dimoe.data.formats import RecordFormatError, _parse_openai, _single_image_from_parts
+from dimoe.data.formats import RecordFormatError, parse_openai_messages
 from dimoe.data.images import ImageError, decode_image, load_image_bytes
 
 PREDICTION_FIELDS = ("id", "prompt", "output", "prompt_ids", "output_ids", "nfe", "latency_s")
@@ -50,7 +50,8 @@ class Request:
         """The prompt as text: `prompt`, or the last user message of `messages`."""
         if self.prompt is not None:
             return self.prompt
-        return next((m.content for m in reversed(parse_messages(self.messages)[0]) if m.role == "user"), "")
+        messages = parse_openai_messages(self.messages)[0]
+        return next((m.content for m in reversed(messages) if m.role == "user"), "")
 
 
 @dataclass
@@ -61,13 +62,6 @@ class Result:
     output_ids: list[int]  # generated tokens before the first EOS
     nfe: int  # forward passes that included this request
     latency_s: float  # from the start of its batch to the end of the block in which it finished
-
-
-def parse_messages(messages: Any) -> tuple[list[Message], str | None]:
-    """OpenAI-style messages → chat messages (an image part becomes the `<image>` placeholder)
-    and the image part's URL, if any. Raises RecordFormatError."""
-    parsed = _parse_openai(messages)
-    return parsed, _single_image_from_parts(messages)
 
 
 def request_conversation(
@@ -83,7 +77,7 @@ def request_conversation(
             raise ValueError(f"request {request.id!r}: `prompt` must be a non-empty string")
         messages, image_ref = [Message("user", request.prompt.strip())], None
     else:
-        messages, image_ref = parse_messages(request.messages)
+        messages, image_ref = parse_openai_messages(request.messages)
     image = request.image
     if image is None and image_ref is not None:
         image = load_image_bytes(image_ref, image_root)[0]
@@ -150,7 +144,7 @@ def _request_of_row(row: Any, path: Path, line: int) -> Request:
     image_ref = row.get("image")
     try:
         if "messages" in row:
-            image_ref = parse_messages(row["messages"])[1]
+            image_ref = parse_openai_messages(row["messages"])[1]
         if image_ref is not None and not isinstance(image_ref, str):
             raise InputError(f"{where}: `image` must be a path or a data URL string, got {image_ref!r:.60}")
         image = load_image_bytes(image_ref, path.parent)[0] if image_ref is not None else None
