@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	@if [ -n "$(TORCH)" ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH) (CPU build)"; $(BIN)/python -m pip install --quiet "$(TORCH)"; fi
 	$(BIN)/python -m pip install --quiet -e ".[dev,serve]"
+	@# Prometheus for tests/dashboards/test_prometheus.py (Debian package); never fails setup.
+	@command -v prometheus >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus || \
+		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)) || \
+		echo "warning: prometheus not installed (needs apt-get as root); the Prometheus scrape test will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

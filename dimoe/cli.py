@@ -38,6 +38,8 @@ tools_app = typer.Typer(help="Paper tables and other tools.", no_args_is_help=Tr
 app.add_typer(tools_app, name="tools")
 infer_app = typer.Typer(help="Batched diffusion decoding and its benchmark.", no_args_is_help=True)
 app.add_typer(infer_app, name="infer")
+tune_app = typer.Typer(help="Ablation grids on Ray Tune.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
 
 F = TypeVar("F", bound=Callable[..., Any])
 SetOption = Annotated[
@@ -232,6 +234,29 @@ def train_all(
     print_json([{"stage": r.stage, "final": str(r.final_dir)} for r in results])
 
 
+@tune_app.command("run")
+@user_errors
+def tune_run(
+    config: Annotated[Path, typer.Option(help="Tune grid YAML.")] = Path("configs/tune/ablations.yaml"),
+    set_: SetOption = None,
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated variants or groups (default: the config's `run`).")
+    ] = None,
+    restart: Annotated[bool, typer.Option(help="Start the grid over instead of resuming it.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: a local cluster).")] = None,
+) -> None:
+    """Train, evaluate (best, fast) and diagnose every variant; write results.csv / results.md."""
+    from dimoe.config.loader import load_config
+    from dimoe.config.tune import TuneConfig
+    from dimoe.tune import run_grid
+
+    cfg = load_config(config, TuneConfig, set_ or [])
+    _local_ray(address)
+    result = run_grid(cfg, variants.split(",") if variants else None, restart=restart)
+    console.print(Path(result["markdown"]).read_text(), highlight=False, markup=False)
+    print_json({"csv": result["csv"], "markdown": result["markdown"]})
+
+
 # -- infer -------------------------------------------------------------------------------------------
 Preset = Annotated[str | None, typer.Option(help="fast | mid | best (8 / 16 / 32 steps).")]
 Strategy = Annotated[str | None, typer.Option(help="threshold (default) | llada.")]
@@ -403,6 +428,40 @@ def tools_export_paper_tables(
     from dimoe.eval.paper import export_paper_tables
 
     print_json(export_paper_tables(eval_dir, out_dir, tune_results))
+
+
+@tools_app.command("grafana-dashboard")
+@user_errors
+def tools_grafana_dashboard(
+    out: Annotated[Path, typer.Option(help="Where the dashboard JSON goes.")] = Path(
+        "cluster/grafana/dimoe.json"
+    ),
+) -> None:
+    """Write the Grafana dashboard of the training and serving Ray metrics."""
+    from dimoe.dashboards.grafana import write_dashboard
+
+    print_json({"dashboard": str(write_dashboard(out))})
+
+
+@tools_app.command("push-dashboard")
+@user_errors
+def tools_push_dashboard(
+    grafana_url: Annotated[str, typer.Option(help="Grafana base URL, e.g. http://grafana:3000.")],
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="GRAFANA_TOKEN", show_default=False, help="Service-account token (dashboard write)."
+        ),
+    ],
+    dashboard: Annotated[Path, typer.Option(help="Dashboard JSON to push.")] = Path(
+        "cluster/grafana/dimoe.json"
+    ),
+    folder_uid: Annotated[str | None, typer.Option(help="Grafana folder uid (default: General).")] = None,
+) -> None:
+    """Create or replace the dashboard on a Grafana server (POST /api/dashboards/db)."""
+    from dimoe.dashboards.grafana import load_dashboard, push_dashboard
+
+    print_json(push_dashboard(grafana_url, token, load_dashboard(dashboard), folder_uid=folder_uid))
 
 
 # -- diag --------------------------------------------------------------------------------------------

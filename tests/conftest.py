@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -5,6 +8,12 @@ from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
 from dimoe.data.tokenizer import train_tokenizer
 from dimoe.model.build import build_model
+
+# Shared test helpers (`tests.train.blends`, `tests.serve.support`) and the `serve` package import
+# from the project root, whichever way pytest was started.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]

@@ -12,7 +12,7 @@ the same variant, e.g. seeds, are averaged). Columns are found by name, exactly 
 
     variant                     required
     accuracy_best, accuracy_fast    fractions in [0, 1], as in scores.json
-    nfe
+    nfe_best, nfe_fast          mean forward passes per answer at those presets
     A_routing_js, B_topk_jaccard, C_nmi_modality, C_nmi_t_bucket, D_zero_supervision,
     E_vision_grad_ratio, F_expert_grad_cv    the `headline` values of `dimoe diag`
 
@@ -183,7 +183,8 @@ class AblationColumn:
 ABLATION_COLUMNS = (
     AblationColumn("accuracy_best", "Acc.\\ best", "Acc. best", percent, True),
     AblationColumn("accuracy_fast", "Acc.\\ fast", "Acc. fast", percent, True),
-    AblationColumn("nfe", "NFE", "NFE", lambda value: number(value, 1), False),
+    AblationColumn("nfe_best", "NFE best", "NFE best", lambda value: number(value, 1), False),
+    AblationColumn("nfe_fast", "NFE fast", "NFE fast", lambda value: number(value, 1), False),
     AblationColumn("A_routing_js", r"A: JS$\downarrow$", "A: JS ↓", lambda value: number(value, 3), False),
     AblationColumn(
         "B_topk_jaccard", r"B: Jacc.$\uparrow$", "B: Jaccard ↑", lambda value: number(value, 3), True

@@ -72,7 +72,8 @@ def validate_before_launch(cfg: TrainConfig) -> None:
         raise ConfigError(f"{cfg.stage}: tokenizer directory {cfg.tokenizer} not found")
 
 
-def run_stage(cfg: TrainConfig) -> StageResult:
+def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
+    """Train one stage on Ray Train; `callbacks` are Ray Train callbacks (e.g. Tune's reporter)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -102,6 +103,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
             name="checkpoints",  # fixed name: re-running the same command resumes (Train V2)
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=callbacks or None,
         ),
         datasets={"train": dataset},
     )

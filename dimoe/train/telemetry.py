@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 LOG_FILES = ("train_metrics", "routing_stats", "gradient_stats")
@@ -68,7 +69,11 @@ def gradient_stats(
 
 
 class RoutingGauges:
-    """Ray metrics (exported as `ray_dimoe_*`), tagged by layer and expert only (low cardinality)."""
+    """Ray metrics (exported as `ray_dimoe_*`), tagged by layer and expert only (low cardinality).
+
+    `dimoe_routing_nonstationarity{stage,layer}` is problem A of DESIGN.md §4 at this log step, as
+    `dimoe diag routing` computes it offline: the mean Jensen–Shannon divergence (bits) between each
+    t-bucket's expert load and the all-bucket mean."""
 
     def __init__(self, stage: str) -> None:
         from ray.util.metrics import Gauge
@@ -81,16 +86,26 @@ class RoutingGauges:
             "dimoe_view_consistency", "Top-k Jaccard overlap between views", tag_keys=("stage", "layer")
         )
         self.loss = Gauge("dimoe_train_loss", "Training loss terms", tag_keys=("stage", "term"))
+        self.nonstationarity = Gauge(
+            "dimoe_routing_nonstationarity",
+            "Mean JS divergence (bits) of each t-bucket's expert load from the all-bucket mean (problem A)",
+            tag_keys=("stage", "layer"),
+        )
 
     def publish(self, metrics: dict[str, float], routing: dict[str, Any]) -> None:
+        from dimoe.diag.routing import layer_nonstationarity
+
         for term, value in metrics.items():
             if term.startswith("loss"):
                 self.loss.set(value, tags={"stage": self.stage, "term": term})
         for layer, buckets in enumerate(routing.get("expert_load", [])):
             weights = routing["bucket_tokens"]
             total = sum(weights) or 1.0
-            for expert in range(len(buckets[0])):
-                load = sum(w * b[expert] for w, b in zip(weights, buckets, strict=True)) / total
+            loads = [
+                sum(w * b[expert] for w, b in zip(weights, buckets, strict=True)) / total
+                for expert in range(len(buckets[0]))
+            ]
+            for expert, load in enumerate(loads):
                 self.load.set(load, tags={"stage": self.stage, "layer": str(layer), "expert": str(expert)})
             self.entropy.set(
                 routing["router_entropy"][layer], tags={"stage": self.stage, "layer": str(layer)}
@@ -99,3 +114,6 @@ class RoutingGauges:
                 self.overlap.set(
                     routing["topk_overlap"][layer], tags={"stage": self.stage, "layer": str(layer)}
                 )
+            drift = layer_nonstationarity(np.asarray(buckets, dtype=float), np.asarray(weights, dtype=float))
+            if drift is not None:  # None: no visible token counted in any bucket this step
+                self.nonstationarity.set(drift, tags={"stage": self.stage, "layer": str(layer)})

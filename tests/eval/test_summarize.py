@@ -113,17 +113,18 @@ def write_tune_csv(path: Path) -> Path:
         "config/variant",
         "accuracy_best",
         "accuracy_fast",
-        "nfe",
+        "nfe_best",
+        "nfe_fast",
         "A_routing_js",
         "B_topk_jaccard",
         "D_zero_supervision",
         "F_expert_grad_cv",
     ]
     rows = [
-        ["t1", "naive_attach", "0.40", "0.30", "16", "0.20", "", "0.08", "1.4"],
-        ["t2", "+DMAR", "0.50", "0.42", "12", "0.05", "0.61", "0.08", "1.1"],
-        ["t3", "+DMAR", "0.52", "0.44", "12", "0.07", "0.65", "0.08", "1.0"],  # second seed
-        ["t4", "+DMAR+EBCMC", "0.55", "0.50", "8", "0.04", "0.70", "0.0", "0.9"],
+        ["t1", "naive_attach", "0.40", "0.30", "16", "6", "0.20", "", "0.08", "1.4"],
+        ["t2", "+DMAR", "0.50", "0.42", "12", "5", "0.05", "0.61", "0.08", "1.1"],
+        ["t3", "+DMAR", "0.52", "0.44", "12", "5", "0.07", "0.65", "0.08", "1.0"],  # second seed
+        ["t4", "+DMAR+EBCMC", "0.55", "0.50", "8", "4", "0.04", "0.70", "0.0", "0.9"],
     ]
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
@@ -169,7 +170,7 @@ def test_paper_tables_are_valid_booktabs_latex_and_markdown(eval_root: Path, tmp
     assert "NMI" not in ablation  # C columns are absent from the CSV, so not in the table
     assert r"\textbf{0.040}" in ablation  # lowest A is best
     md = paths["ablation_md"].read_text()
-    assert "| Variant | Acc. best | Acc. fast | NFE | A: JS ↓ |" in md and "**55.0**" in md
+    assert "| Variant | Acc. best | Acc. fast | NFE best | NFE fast | A: JS ↓ |" in md and "**55.0**" in md
     assert latex_escape(r"a_b & 50% #1 {x} ~^\ ") == (
         r"a\_b \& 50\% \#1 \{x\} \textasciitilde{}"
         r"\textasciicircum{}\textbackslash{} "

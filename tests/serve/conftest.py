@@ -1,7 +1,5 @@
 """A tiny checkpoint and one real local Serve application for the serving tests (package scope)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,14 +7,7 @@ import torch
 from dimoe.infer.engine import GenerationEngine
 from dimoe.model.build import build_model, save_checkpoint
 from dimoe.serving.server import start_server_background
-
-# `serve` (the gRPC stubs) and `tests.serve.support` import from the project root, whichever way
-# pytest was started.
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from tests.serve.support import API_KEY, LIMITS, MODEL, SMALL, free_port  # noqa: E402
+from tests.serve.support import API_KEY, LIMITS, MODEL, SMALL, free_port
 
 
 @pytest.fixture(scope="package")

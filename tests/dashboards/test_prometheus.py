@@ -1,0 +1,250 @@
+"""The training gauges reach a real Prometheus: a tiny training run on its own local Ray cluster
+(fixed metrics export port), scraped every second by a `prometheus` server started here.
+
+Own cluster, in a subprocess: the session `ray_cluster` fixture has no fixed metrics port, and a
+driver process can only `ray.init` once. Both subprocesses run in sessions of their own and every
+process of those sessions is stopped by pid at the end."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from dimoe.config.loader import load_config
+from dimoe.config.model import ModelConfig
+from tests.train.blends import write_blends
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = shutil.which("prometheus")
+STAGE = "stage0_naive"
+TRAIN_TIMEOUT_S = 420  # Ray + TorchTrainer + DeepSpeed start-up dominates; slow on a busy 2-core box
+SERIES_TIMEOUT_S = 60
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PROMETHEUS is None,
+        reason="no `prometheus` binary on PATH (Debian: apt-get install prometheus; `make setup` tries it)",
+    ),
+]
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import ray
+
+    from dimoe.config.loader import load_config
+    from dimoe.config.train import TrainConfig
+    from dimoe.train.launcher import run_stage
+
+    port, overrides = int(sys.argv[1]), sys.argv[2:]
+    # address="local": a new cluster even if another one runs on this machine.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _metrics_export_port=port,
+        object_store_memory=256 * 2**20,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    run_stage(load_config("configs/train/tiny/stage0_naive.yaml", TrainConfig, overrides))
+    print("TRAINED", flush=True)
+    ray.shutdown()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (Ray workers make their own process groups but stay in
+    the session of the driver that started the cluster)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry.name))
+    return members
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM to every process of the session `proc` leads, then SIGKILL to what is left."""
+
+    def alive() -> list[int]:
+        proc.poll()  # reap the leader
+        if Path("/proc").is_dir():
+            return session_members(proc.pid)
+        return [proc.pid] if proc.returncode is None else []
+
+    for sig, grace_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        pids = alive()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@contextmanager
+def own_session(cmd: list[str], log: Path, **kwargs):
+    """A subprocess in a new session, stopped with everything it started (Ray's GCS, raylet and
+    workers included) when the block ends, whatever happened in it."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        stop_session(proc)
+
+
+def prometheus_get(base: str, path: str, **params: str) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def series(base: str, metric: str) -> list[dict]:
+    return prometheus_get(base, "/api/v1/series", **{"match[]": f'{metric}{{stage="{STAGE}"}}'})["data"]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
+    spec = load_config(ROOT / "configs/model/tiny.yaml", ModelConfig)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    write_blends(tmp_path / "data", tokenizer, spec.vision.num_image_tokens)
+
+    metrics_port, prometheus_port = free_port(), free_port()
+    prom_url = f"http://127.0.0.1:{prometheus_port}"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        "    scrape_interval: 1s\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+    )
+    overrides = [
+        f"data.data_dir={tmp_path / 'data'}",
+        f"tokenizer={tmp_path / 'tokenizer'}",
+        f"output_dir={tmp_path / 'out'}",
+        "max_steps=4",
+        "log_every=1",
+        "batch_size=4",
+        "data.response_length=8",
+        "data.shuffle_buffer=0",
+        "diffusion.views=complementary",  # two views: the view-consistency gauge is set too
+        "scaling.num_workers=1",
+        "checkpoint.every_steps=100",
+    ]
+    (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_metrics_report_interval_ms"] = "1000"  # workers push gauges every second (default 10 s)
+    prometheus_cmd = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{prometheus_port}",
+    ]
+    train_cmd = [sys.executable, str(tmp_path / "train.py"), str(metrics_port), *overrides]
+    prom_log, train_log = tmp_path / "prometheus.log", tmp_path / "train.log"
+
+    wanted = {
+        "ray_dimoe_expert_load": {"layer", "expert"},
+        "ray_dimoe_router_entropy": {"layer"},
+        "ray_dimoe_view_consistency": {"layer"},
+        "ray_dimoe_routing_nonstationarity": {"layer"},
+        "ray_dimoe_train_loss": {"term"},
+    }
+    found: dict[str, list[dict]] = {}
+    with own_session(prometheus_cmd, prom_log, cwd=tmp_path) as prometheus:
+        deadline = time.monotonic() + 30
+        while True:  # Prometheus up before training starts, so no published value is missed
+            try:
+                urllib.request.urlopen(f"{prom_url}/-/ready", timeout=2).close()
+                break
+            except OSError:
+                assert prometheus.poll() is None, f"prometheus exited:\n{tail(prom_log)}"
+                assert time.monotonic() < deadline, f"prometheus not ready in 30 s:\n{tail(prom_log)}"
+                time.sleep(0.5)
+
+        with own_session(train_cmd, train_log, cwd=ROOT, env=env) as training:
+            started = time.monotonic()
+            finished_at = None
+            while len(found) < len(wanted):
+                for metric in wanted.keys() - found.keys():
+                    if data := series(prom_url, metric):
+                        found[metric] = data
+                if finished_at is None and training.poll() is not None:
+                    finished_at = time.monotonic()
+                    assert training.returncode == 0, f"training failed:\n{tail(train_log)}"
+                now = time.monotonic()
+                if (finished_at and now - finished_at > SERIES_TIMEOUT_S) or now - started > TRAIN_TIMEOUT_S:
+                    break
+                time.sleep(1)
+            training.wait(TRAIN_TIMEOUT_S - (time.monotonic() - started))
+            assert training.returncode == 0, f"training failed:\n{tail(train_log)}"
+
+        targets = prometheus_get(prom_url, "/api/v1/targets")["data"]["activeTargets"]
+        missing = sorted(wanted.keys() - found.keys())
+        assert not missing, (
+            f"no series for {missing} in Prometheus; scrape targets: "
+            f"{[(t['scrapeUrl'], t['health'], t.get('lastError')) for t in targets]}\n"
+            f"training log:\n{tail(train_log)}"
+        )
+        for metric, labels in wanted.items():
+            for entry in found[metric]:
+                assert entry["stage"] == STAGE and labels <= entry.keys(), (metric, entry)
+
+        layers = {str(i) for i in range(spec.num_hidden_layers)}
+        experts = {str(i) for i in range(spec.num_experts)}
+        assert {(s["layer"], s["expert"]) for s in found["ray_dimoe_expert_load"]} == {
+            (layer, expert) for layer in layers for expert in experts
+        }
+        for metric in (
+            "ray_dimoe_router_entropy",
+            "ray_dimoe_view_consistency",
+            "ray_dimoe_routing_nonstationarity",
+        ):
+            assert {s["layer"] for s in found[metric]} == layers, metric
+        assert {"loss", "loss_diffusion"} <= {s["term"] for s in found["ray_dimoe_train_loss"]}
+
+        # The scraped values make sense: each layer's expert loads sum to 1, JS divergence in [0, 1].
+        def last_values(query: str) -> dict[str, float]:
+            result = prometheus_get(prom_url, "/api/v1/query", query=query)["data"]["result"]
+            return {r["metric"].get("layer", ""): float(r["value"][1]) for r in result}
+
+        load_sums = last_values(
+            f'sum by (layer) (last_over_time(ray_dimoe_expert_load{{stage="{STAGE}"}}[10m]))'
+        )
+        assert set(load_sums) == layers and all(abs(v - 1.0) < 1e-3 for v in load_sums.values()), load_sums
+        js = last_values(f'last_over_time(ray_dimoe_routing_nonstationarity{{stage="{STAGE}"}}[10m])')
+        assert set(js) == layers and all(0.0 <= v <= 1.0 for v in js.values()), js
