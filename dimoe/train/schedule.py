@@ -1,6 +1,9 @@
 """Learning-rate schedules as multipliers of each group's base LR: linear warmup, then cosine to
 `min_lr_ratio`, WSD (warmup–stable–decay: flat, then linear decay over the last
-`decay_fraction` of steps), or constant."""
+`decay_fraction` of steps), or constant.
+
+`step` counts optimizer steps (DeepSpeed advances the scheduler once per `grad_accum` micro-batches),
+while `max_steps` counts micro-batches, so the schedule spans `max_steps // grad_accum` steps."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dimoe.config.train import TrainConfig
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     s = cfg.schedule
-    total = cfg.max_steps
+    total = max(cfg.max_steps // cfg.grad_accum, 1)
     if s.warmup_steps and step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
     if s.kind == "constant":

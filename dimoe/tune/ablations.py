@@ -64,7 +64,7 @@ def _eval_schema():
     return EvalConfig
 
 
-def run_trial(config: dict[str, Any]) -> dict[str, Any]:
+def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: train → evaluate (best, fast) → diagnose; returns the row."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -97,7 +97,6 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     }
     (trial_dir / "result.json").write_text(json.dumps(row, indent=2))
     tune.report(row)
-    return row
 
 
 def evaluate_trial(cfg: TuneConfig, checkpoint: Path, out_dir: Path) -> dict[str, float]:

@@ -119,3 +119,19 @@ def test_naive_balance_is_global(tiny_model, rows):
         encode_images=tiny_model.encode_images,
     )
     assert out.metrics["loss_bal"] >= 1.0 - 1e-3  # Switch loss is ≥ 1 (= 1 at perfect balance) up to noise
+
+
+def test_schedule_spans_optimizer_steps_when_accumulating():
+    """DeepSpeed steps the scheduler once per `grad_accum` micro-batches: with max_steps=100 and
+    grad_accum=2 the cosine must reach its floor at optimizer step 50, not stop half-way."""
+    from dimoe.train.schedule import lr_multiplier
+
+    cfg = TrainConfig(
+        stage="s",
+        max_steps=100,
+        grad_accum=2,
+        schedule={"kind": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1},
+    )
+    assert lr_multiplier(0, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(25, cfg) == pytest.approx(0.55)  # half-way through 50 optimizer steps
+    assert lr_multiplier(50, cfg) == pytest.approx(0.1)
