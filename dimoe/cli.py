@@ -248,10 +248,12 @@ def tune_run(
     """Train, evaluate (best, fast) and diagnose every variant; write results.csv / results.md."""
     from dimoe.config.loader import load_config
     from dimoe.config.tune import TuneConfig
+    from dimoe.data.normalize import ensure_ray
     from dimoe.tune import run_grid
+    from dimoe.tune.ablations import local_cluster_cpus
 
     cfg = load_config(config, TuneConfig, set_ or [])
-    _local_ray(address)
+    ensure_ray(address, num_cpus=None if address else local_cluster_cpus(cfg))
     result = run_grid(cfg, variants.split(",") if variants else None, restart=restart)
     console.print(Path(result["markdown"]).read_text(), highlight=False, markup=False)
     print_json({"csv": result["csv"], "markdown": result["markdown"]})

@@ -141,6 +141,15 @@ def diagnose_trial(log_dir: Path) -> dict[str, float | None]:
     }
 
 
+def local_cluster_cpus(cfg: TuneConfig) -> int:
+    """Logical CPUs a local cluster needs to run `max_concurrent_trials` at once: each trial's
+    training workers, plus one CPU per trial for the Ray Data tasks that stream its blend and for
+    its evaluation actor. Declaring fewer deadlocks (workers hold every CPU, data never comes)."""
+    stage = load_config(cfg.base_stage, TrainConfig, list(cfg.base_set))
+    per_trial = stage.scaling.num_workers * stage.scaling.cpus_per_worker + 1
+    return max(os.cpu_count() or 1, math.ceil(per_trial * cfg.max_concurrent_trials))
+
+
 def run_grid(cfg: TuneConfig, variants: list[str] | None = None, *, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) the grid; a failed trial becomes a row with status `error`, not a crash.
     Returns the rows and the paths of the results table."""
@@ -153,7 +162,7 @@ def run_grid(cfg: TuneConfig, variants: list[str] | None = None, *, restart: boo
     grid = {"variants": names, "seeds": cfg.seeds, "config": cfg.model_dump(mode="json")}
     _check_same_grid(root, grid, restart)
     if not ray.is_initialized():
-        ray.init()
+        ray.init(num_cpus=local_cluster_cpus(cfg))
     # Trials keep the job's working directory (Tune would move them into their trial folder), so
     # config paths mean the same in a trial as on the command line; Tune propagates this variable.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
