@@ -37,7 +37,7 @@ from tests.train.blends import write_blends
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 STAGE = "stage0_naive"
-START_TIMEOUT_S = 120
+START_TIMEOUT_S = 300  # `ray start` with the dashboard takes minutes on a busy 2-core machine
 JOB_TIMEOUT_S = 480  # Ray Train + DeepSpeed start-up dominates; slow on a busy 2-core machine
 # The head's environment must not point at, or authenticate against, any other cluster.
 SCRUBBED = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")

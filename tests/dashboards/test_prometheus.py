@@ -28,7 +28,7 @@ from tests.train.blends import write_blends
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
 STAGE = "stage0_naive"
-TRAIN_TIMEOUT_S = 420  # Ray + TorchTrainer + DeepSpeed start-up dominates; slow on a busy 2-core box
+TRAIN_TIMEOUT_S = 900  # Ray + TorchTrainer + DeepSpeed start-up dominates; slow on a busy 2-core box
 SERIES_TIMEOUT_S = 60
 
 pytestmark = [
