@@ -18,6 +18,9 @@ from dimoe.tune.ablations import RESULT_COLUMNS
 from tests.train.blends import COLOURS, write_blends
 
 QUESTION_TYPES = ("colour", "shape", "count", "position")
+# The grid fixture trains and evaluates three trials (3.5 min on an idle 2-core machine); its time
+# counts towards the first test's timeout.
+pytestmark = pytest.mark.timeout(1500)
 
 
 def write_eval_data(root: Path) -> Path:
