@@ -16,6 +16,11 @@ from dimoe.train.telemetry import LOG_FILES
 from tests.train.blends import write_blends
 
 
+# The chained-curriculum fixture (about 6 min on an idle 2-core machine) counts towards the first
+# test's timeout.
+pytestmark = pytest.mark.timeout(1500)
+
+
 @pytest.fixture(scope="module")
 def curriculum(ray_cluster, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
