@@ -15,7 +15,6 @@ from dimoe.train.launcher import STAGE_ORDER, load_curriculum, run_curriculum, r
 from dimoe.train.telemetry import LOG_FILES
 from tests.train.blends import write_blends
 
-
 # The chained-curriculum fixture (about 6 min on an idle 2-core machine) counts towards the first
 # test's timeout.
 pytestmark = pytest.mark.timeout(1500)
