@@ -50,6 +50,9 @@ def grid_config(ray_cluster, tokenizer, tmp_path_factory) -> TuneConfig:
         "requires_init=false", "init_from=null", f"tokenizer={root / 'tokenizer'}",
         f"data.data_dir={root / 'data'}", "max_steps=4", "log_every=2", "batch_size=4",
         "data.response_length=4", "checkpoint.every_steps=4",
+        # A quarter CPU per worker: two trials (4 workers) leave the session cluster's other CPUs to
+        # the Ray Data tasks that stream the blends, even beside what earlier tests' actors hold.
+        "scaling.cpus_per_worker=0.25",
     ]  # fmt: skip
     cfg = load_config(
         "configs/tune/ablations.yaml",
