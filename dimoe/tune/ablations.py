@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dimoe.config.eval import EvalConfig
 from dimoe.config.loader import ConfigError, load_config
 from dimoe.config.train import TrainConfig
 from dimoe.config.tune import TuneConfig
@@ -55,13 +56,7 @@ def validate_grid(cfg: TuneConfig, variants: list[str]) -> None:
     """Resolve every trial's configs before any trial starts, so a typo fails the grid at once."""
     for variant in variants:
         trial_stage_configs(cfg, variant, cfg.seeds[0], experiment_dir(cfg) / "trials" / "check")
-    load_config(cfg.eval.config, _eval_schema(), cfg.eval.set)
-
-
-def _eval_schema():
-    from dimoe.config.eval import EvalConfig
-
-    return EvalConfig
+    load_config(cfg.eval.config, EvalConfig, cfg.eval.set)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -103,7 +98,7 @@ def evaluate_trial(cfg: TuneConfig, checkpoint: Path, out_dir: Path) -> dict[str
     """Mean score over the evaluated tasks and mean NFE, per preset."""
     from dimoe.eval.runner import run_eval
 
-    eval_cfg = load_config(cfg.eval.config, _eval_schema(), cfg.eval.set)
+    eval_cfg = load_config(cfg.eval.config, EvalConfig, cfg.eval.set)
     suite = cfg.eval.suite
     if cfg.eval.tasks:
         eval_cfg = eval_cfg.model_copy(update={"suites": {**eval_cfg.suites, "tune": list(cfg.eval.tasks)}})

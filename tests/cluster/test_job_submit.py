@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import pytest
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
+from tests.processes import stop_session
 from tests.train.blends import write_blends
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,50 +83,6 @@ def free_ports(n: int) -> list[int]:
         for sock in socks:
             sock.bind(("127.0.0.1", 0))
         return [sock.getsockname()[1] for sock in socks]
-
-
-def process_table() -> dict[int, tuple[int, int]]:
-    """pid → (ppid, session id) of every live process."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            table[int(entry.name)] = (int(fields[1]), int(fields[3]))
-    return table
-
-
-def cluster_processes(sid: int) -> set[int]:
-    """The processes of session `sid` and all their descendants: the job driver runs in a session
-    of its own (Ray starts entrypoints with `start_new_session=True`) under the supervisor actor."""
-    table = process_table()
-    found = {pid for pid, (_, s) in table.items() if s == sid}
-    frontier = set(found)
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def stop_cluster(sid: int) -> set[int]:
-    """SIGTERM, then SIGKILL, to every process of the cluster; returns what survived both. (The
-    GCS and the autoscaler monitor outlive a SIGTERM by many seconds: nothing here needs them to
-    shut down cleanly, so the grace is short.)"""
-    for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        pids = cluster_processes(sid)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while cluster_processes(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return cluster_processes(sid)
 
 
 def http_status(url: str, token: str | None = None) -> int:
@@ -200,7 +156,7 @@ def head():
             time.sleep(1)
         yield hd
     finally:
-        left = stop_cluster(sid)
+        left = stop_session(sid, term_grace_s=5.0)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes left behind: {sorted(left)}"
 

@@ -8,7 +8,6 @@ process of those sessions is stopped by pid at the end."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
+from tests.processes import stop_session
 from tests.train.blends import write_blends
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,43 +72,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes of session `sid` (Ray workers make their own process groups but stay in
-    the session of the driver that started the cluster)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            members.append(int(entry.name))
-    return members
-
-
-def stop_session(proc: subprocess.Popen) -> None:
-    """SIGTERM to every process of the session `proc` leads, then SIGKILL to what is left."""
-
-    def alive() -> list[int]:
-        proc.poll()  # reap the leader
-        if Path("/proc").is_dir():
-            return session_members(proc.pid)
-        return [proc.pid] if proc.returncode is None else []
-
-    for sig, grace_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        pids = alive()
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
+def stop_leader_session(proc: subprocess.Popen) -> None:
+    proc.poll()  # reap the leader
+    stop_session(proc.pid, term_grace_s=20.0)
 
 
 @contextmanager
@@ -120,7 +86,7 @@ def own_session(cmd: list[str], log: Path, **kwargs):
     try:
         yield proc
     finally:
-        stop_session(proc)
+        stop_leader_session(proc)
 
 
 def prometheus_get(base: str, path: str, **params: str) -> dict:
