@@ -135,7 +135,7 @@ def _random_shapes(rng: random.Random) -> tuple[Shape, ...]:
             rng.choice(list(COLOURS)),
             rng.choice(SHAPES),
             q,
-            rng.randint(10, 12),
+            rng.randint(13, 15),
             rng.randint(-1, 1),
             rng.randint(-1, 1),
         )
@@ -283,8 +283,8 @@ def synthesize(
 
         captions = [llava_record(f"cap_{s.id}", s, rng.choice(CAPTION_PROMPTS), caption(s)) for s in scenes]
         vqa = []
-        for s in scenes:  # two questions of different types per scene
-            for question_type in rng.sample([t for t, c in vqa_candidates(s).items() if c], 2):
+        for s in scenes:  # one question of every type the scene answers
+            for question_type in [t for t, c in vqa_candidates(s).items() if c]:
                 qa = _pick_qa(rng, s, question_type)
                 vqa.append(llava_record(f"vqa_{s.id}_{question_type}", s, qa.question, qa.answer))
         joint = [openai_record(f"joint_{s.id}", s, joint_turns(rng, s)) for s in scenes]
