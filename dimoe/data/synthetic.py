@@ -130,17 +130,22 @@ def sample_scenes(rng: random.Random, size: int) -> list[Scene]:
 
 def _random_shapes(rng: random.Random) -> tuple[Shape, ...]:
     quadrants = sorted(rng.sample(range(len(POSITIONS)), rng.randint(1, 3)))
-    return tuple(
-        Shape(
-            rng.choice(list(COLOURS)),
-            rng.choice(SHAPES),
-            q,
-            rng.randint(13, 15),
-            rng.randint(-1, 1),
-            rng.randint(-1, 1),
+    shapes = []
+    for q in quadrants:
+        size = rng.randint(13, 15)
+        room = CELL - size  # jitter only within the quadrant: a shape never spills into a neighbour
+        low, high = -(room // 2), room - room // 2
+        shapes.append(
+            Shape(
+                rng.choice(list(COLOURS)),
+                rng.choice(SHAPES),
+                q,
+                size,
+                rng.randint(low, high),
+                rng.randint(low, high),
+            )
         )
-        for q in quadrants
-    )
+    return tuple(shapes)
 
 
 def render(scene: Scene) -> Image.Image:

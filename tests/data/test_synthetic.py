@@ -2,9 +2,12 @@
 
 import hashlib
 import json
+import random
+
+import numpy as np
 
 from dimoe.data.formats import parse_record
-from dimoe.data.synthetic import DESCRIBE_PROMPT, POSITIONS, synthesize
+from dimoe.data.synthetic import CELL, DESCRIBE_PROMPT, POSITIONS, Scene, render, sample_scenes, synthesize
 from dimoe.data.tokenizer import load_tokenizer
 
 from .conftest import SYNTH_SIZE
@@ -79,3 +82,14 @@ def test_eval_files_and_baselines(synth_dir):
     tokenizer = load_tokenizer(synth_dir / "tokenizer")
     lengths = [len(tokenizer.encode(r["answer"], add_special_tokens=False)) for r in describe]
     assert 20 <= min(lengths) and max(lengths) <= 60
+
+
+def test_every_shape_stays_inside_its_quadrant():
+    """Positions are only learnable if a shape never spills into a neighbouring quadrant's tokens."""
+    for scene in sample_scenes(random.Random(0), 400):
+        for shape in scene.shapes:
+            pixels = np.asarray(render(Scene("one", "train", (shape,)))).any(axis=2)
+            rows, cols = np.nonzero(pixels)
+            top, left = (shape.quadrant // 2) * CELL, (shape.quadrant % 2) * CELL
+            assert top <= rows.min() and rows.max() < top + CELL, shape
+            assert left <= cols.min() and cols.max() < left + CELL, shape
