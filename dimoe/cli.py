@@ -371,6 +371,9 @@ def eval_run(
     suite: Annotated[str, typer.Option(help="Suite name from the config, or one task name.")] = "demo",
     preset: Preset = "mid",
     strategy: Strategy = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Confidence to reveal a token early (threshold strategy).")
+    ] = None,
     num_actors: Annotated[int, typer.Option(help="Decoding actors (one per GPU on a cluster).")] = 1,
     num_gpus: Annotated[float, typer.Option(help="GPUs per decoding actor.")] = 0.0,
     batch_size: int = 16,
@@ -385,8 +388,8 @@ def eval_run(
     cfg = load_config(config, EvalConfig, set_ or [])
     _local_ray(address)
     scores = run_eval(
-        cfg, suite, preset, checkpoint, out_dir, strategy=strategy, num_actors=num_actors,
-        num_gpus=num_gpus, batch_size=batch_size, progress=True,
+        cfg, suite, preset, checkpoint, out_dir, strategy=strategy, overrides={"threshold": threshold},
+        num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size, progress=True,
     )  # fmt: skip
     print_json(scores)
 

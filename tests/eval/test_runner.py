@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
+from typer.testing import CliRunner
 
+from dimoe.cli import app
 from dimoe.config.eval import EvalConfig
 from dimoe.config.infer import InferConfig
 from dimoe.eval.runner import MissingTaskData, run_eval, score_file
@@ -145,3 +148,18 @@ def test_score_file_takes_infer_outputs_and_ground_truth(eval_config, tmp_path: 
         "demo_vqa_colour", preds, Path(eval_config.data_root) / "eval/vqa_test.jsonl", tmp_path / "scored"
     )
     assert summary["score"] == pytest.approx(0.5) and summary["n_gold_without_prediction"] == 1
+
+
+def test_cli_eval_run_decodes_with_the_given_threshold(
+    ray_cluster, checkpoint, eval_config, tmp_path: Path
+) -> None:
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(eval_config.model_dump()))
+    out = tmp_path / "eval"
+    args = ["eval", "run", "--checkpoint", str(checkpoint), "--out-dir", str(out), "--config", str(config)]
+    args += ["--suite", "demo_vqa_shape", "--preset", "fast", "--threshold", "0.55", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["settings"]["threshold"] == 0.55 and scores["settings"]["strategy"] == "threshold"
+    assert scores["tasks"]["demo_vqa_shape"]["status"] == "done"
