@@ -58,23 +58,22 @@ class EvalRun:
 
 
 def find_eval_dirs(eval_dirs: Sequence[str | Path] | str | Path) -> list[Path]:
-    """The eval directories meant: the given ones, or every folder holding a scores.json below a
-    single root (which may itself be one)."""
-    if isinstance(eval_dirs, str | Path):
-        root = Path(eval_dirs)
-        if not root.is_dir():
-            raise FileNotFoundError(f"eval directory not found: {root}")
-        found = sorted(path.parent for path in root.rglob(SCORES_FILE))
-        if not found:
-            raise FileNotFoundError(f"no {SCORES_FILE} under {root}; run `dimoe eval run` first")
-        return found
-    dirs = [Path(path) for path in eval_dirs]
-    if not dirs:
+    """The eval directories meant: each given folder that is a run (holds a scores.json), or every
+    run below a given folder that is their parent."""
+    paths = [Path(eval_dirs)] if isinstance(eval_dirs, str | Path) else [Path(p) for p in eval_dirs]
+    if not paths:
         raise ValueError("no eval directories given")
-    missing = [str(path) for path in dirs if not (path / SCORES_FILE).is_file()]
+    dirs: list[Path] = []
+    missing = []
+    for path in paths:
+        runs = [path] if (path / SCORES_FILE).is_file() else sorted(p.parent for p in path.rglob(SCORES_FILE))
+        dirs += runs
+        if not runs:
+            missing.append(str(path))
     if missing:
         raise FileNotFoundError(
-            f"no {SCORES_FILE} in {', '.join(missing)}; is this a `dimoe eval run` --out-dir?"
+            f"no {SCORES_FILE} in or below {', '.join(missing)}: give a `dimoe eval run` --out-dir "
+            "or a folder that holds some (run `dimoe eval run` first)"
         )
     return dirs
 

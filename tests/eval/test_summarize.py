@@ -98,13 +98,18 @@ def test_summarize_writes_markdown_and_csv_across_presets_and_strategies(
     skipped = next(row for row in rows if row["status"] == "skipped")
     assert skipped["task"] == "gqa" and skipped["reason"] == "data file not found" and skipped["score"] == ""
     assert summarize([eval_root / "s3_fast"], tmp_path / "one")["markdown"].is_file()
+    # The CLI passes a list: a parent of runs in it stands for every run below it.
+    summarize([eval_root], tmp_path / "parent")
+    assert (tmp_path / "parent" / "summary.md").read_text() == markdown
 
 
 def test_summarize_names_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no scores.json under"):
+    with pytest.raises(FileNotFoundError, match="no scores.json in or below .*eval run` --out-dir"):
         summarize(tmp_path, tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="is this a `dimoe eval run` --out-dir"):
-        summarize([tmp_path], tmp_path / "out")
+    run = write_run(tmp_path, "run", "m", "best", "llada", {"demo_vqa_colour": task_entry(0.5)})
+    absent = re.escape(f"no scores.json in or below {tmp_path / 'absent'}:")
+    with pytest.raises(FileNotFoundError, match=absent):
+        summarize([run, tmp_path / "absent"], tmp_path / "out")
 
 
 def write_tune_csv(path: Path) -> Path:
