@@ -3,6 +3,8 @@
 import hashlib
 import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 
@@ -93,3 +95,13 @@ def test_every_shape_stays_inside_its_quadrant():
             top, left = (shape.quadrant // 2) * CELL, (shape.quadrant % 2) * CELL
             assert top <= rows.min() and rows.max() < top + CELL, shape
             assert left <= cols.min() and cols.max() < left + CELL, shape
+
+
+def test_readme_demo_images_exist_in_the_set_its_synth_command_makes():
+    """The README's prompt and OpenAI examples name demo test images; they must be ones that
+    `dimoe data synth --size N` (as the README runs it) writes, or the examples fail as written."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    size = int(re.search(r"dimoe data synth .*--size (\d+)", readme).group(1))
+    named = set(re.findall(r"artifacts/data/demo/raw/(images/test/scene_\d+\.png)", readme))
+    written = {s.image_path for s in sample_scenes(random.Random(0), size) if s.split == "test"}
+    assert named and named <= written, named - written
