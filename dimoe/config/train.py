@@ -62,8 +62,11 @@ class DataSpec(StrictModel):
     blend: str = "stage2_full"
     response_length: int = Field(
         32, ge=1
-    )  # answers are EOS-padded to this (LLaDA SFT), so decoding learns to stop
+    )  # each row's answer is EOS-padded to this (LLaDA SFT), so decoding learns to stop
     shuffle_buffer: int = Field(256, ge=0)
+    # Rows are drawn `group_by_length` batches at a time, sorted by length and cut into batches
+    # served in random order, so short VQA rows are not padded to a long description (1: off).
+    group_by_length: int = Field(1, ge=1)
 
 
 class DeepSpeedSpec(StrictModel):

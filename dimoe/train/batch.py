@@ -1,14 +1,19 @@
 """Collate normalized rows into a training batch.
 
-Layout per row: `[left padding] prompt (image tokens + text) [answer, EOS, EOS, …]`. The answer is
-EOS-padded to `response_length` (LLaDA's SFT recipe): the padded EOS tokens are real, supervised
-response tokens, which is how a model that always decodes a fixed generation length learns to stop.
+Layout per row: `[left padding] prompt (image tokens + text) [answer, EOS, EOS, …] [right padding]`.
+Each answer is EOS-padded to `response_length` (LLaDA's SFT recipe): the padded EOS tokens are real,
+supervised response tokens, which is how a model that always decodes a fixed generation length
+learns to stop. The EOS padding is per row, not to the longest answer in the batch: otherwise a
+one-word VQA answer batched with a 60-token description would be padded to 60 EOS tokens, and the
+per-answer-length normalisation would give its one informative token a 1/60 share of the sample's
+loss (and the model would spend most of its compute on EOS). Columns past a row's own response are
+plain padding, outside the attention mask.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +49,22 @@ class TrainBatch:
         return TrainBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
+def length_grouped(
+    groups: Iterable[Mapping[str, np.ndarray]], batch_size: int, rng: np.random.Generator
+) -> Iterator[dict[str, np.ndarray]]:
+    """Cut each group of rows (a multiple of `batch_size`, as Ray Data yields them) into batches of
+    similar length and yield those batches in random order (the `group_by_length` of HF Trainer).
+
+    A batch is as wide as its longest row, so mixing one-word VQA answers with 60-token
+    descriptions otherwise spends most of the compute on padding."""
+    for group in groups:
+        lengths = np.array([len(ids) for ids in group["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        for index in rng.permutation(len(batches)):
+            yield {name: np.asarray(column)[batches[index]] for name, column in group.items()}
+
+
 def collate(
     rows: Mapping[str, Sequence[Any]],
     *,
@@ -57,18 +78,20 @@ def collate(
     sequences = [np.asarray(ids, dtype=np.int64) for ids in rows["input_ids"]]
     prompt_lengths = [int(n) for n in rows["prompt_length"]]
     answers = [seq[p:] for seq, p in zip(sequences, prompt_lengths, strict=True)]
-    response = max(response_length, max(len(a) for a in answers))
+    windows = [max(response_length, len(a)) for a in answers]  # each row's answer + EOS padding
+    response = max(windows)
     length = max(prompt_lengths) + response
     b = len(sequences)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     attention = torch.zeros(b, length, dtype=torch.bool)
     prefix = torch.zeros(b, length, dtype=torch.bool)
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        start = length - response - p  # left padding keeps every response at the same columns
+        start = length - response - p  # left padding starts every response at the same column
+        end = start + p + windows[i]
         ids[i, start : start + p] = torch.from_numpy(seq[:p])
         ids[i, start + p : start + p + len(answers[i])] = torch.from_numpy(answers[i])
-        ids[i, start + p + len(answers[i]) :] = eos_id
-        attention[i, start:] = True
+        ids[i, start + p + len(answers[i]) : end] = eos_id
+        attention[i, start:end] = True
         prefix[i, start : start + p] = True
     image_mask = ids == image_id
     response_mask = attention & ~prefix

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from dimoe.config.loader import ConfigError
 from dimoe.config.train import TrainConfig
 
@@ -70,6 +72,14 @@ def validate_before_launch(cfg: TrainConfig) -> None:
         )
     elif not Path(cfg.tokenizer).is_dir():
         raise ConfigError(f"{cfg.stage}: tokenizer directory {cfg.tokenizer} not found")
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in blend_dir(cfg).glob("*.parquet"))
+    workers = cfg.scaling.num_workers
+    if rows // workers < cfg.batch_size:  # a worker's pass over its shard would yield no batch
+        raise ConfigError(
+            f"{cfg.stage}: blend {cfg.data.blend!r} has {rows} rows, {rows // workers} per worker for "
+            f"{workers} workers, fewer than batch_size={cfg.batch_size}; build a larger blend "
+            "(`dimoe data build-stage-blends`) or lower batch_size or scaling.num_workers"
+        )
 
 
 def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:

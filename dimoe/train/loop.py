@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dimoe.config.train import GROUPS, TrainConfig
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from dimoe.diffusion import RouterPriorEMA
     from dimoe.model.processor import ImageProcessor
-    from dimoe.train.batch import collate
+    from dimoe.train.batch import collate, length_grouped
     from dimoe.train.objective import training_step
     from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
 
@@ -119,10 +120,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = JsonlLogger(stage_dir / "logs") if rank == 0 else None
     gauges = RoutingGauges(cfg.stage) if rank == 0 else None
     processor = ImageProcessor(config_hf.image_size) if config_hf.vision_config else None
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+    blank_image = (
+        torch.zeros(1, 3, config_hf.image_size, config_hf.image_size, dtype=dtype, device=engine.device)
+        if processor is not None
+        else None
+    )
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7919 + step)
     shard = ray.train.get_dataset_shard("train")
     device = engine.device
-    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
     last_checkpoint_step = step
 
     def save(metrics: dict[str, float]) -> None:
@@ -138,13 +144,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window_start, window_tokens = time.perf_counter(), 0.0
     metrics: dict[str, float] = {}
     while step < cfg.max_steps:
-        for rows in shard.iter_batches(
-            batch_size=cfg.batch_size,
+        groups = shard.iter_batches(
+            batch_size=cfg.batch_size * cfg.data.group_by_length,
             batch_format="numpy",
-            drop_last=True,
+            drop_last=False,  # length_grouped drops only the last partial batch
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + step if cfg.data.shuffle_buffer else None,
-        ):
+        )
+        order_rng = np.random.default_rng(cfg.seed * 1000 + rank + step)
+        for rows in length_grouped(groups, cfg.batch_size, order_rng):
             if step >= cfg.max_steps:
                 break
             if cfg.inject_failure_at_step == step and rank == 0:
@@ -172,6 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 mask_token_id=config_hf.mask_token_id,
                 encode_images=engine.module.encode_images,
                 collect_routing=logging and rank == 0,
+                blank_image=blank_image,
             )
             if not math.isfinite(out.metrics["loss"]):
                 raise NonFiniteLossError(

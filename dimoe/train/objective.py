@@ -69,11 +69,15 @@ def training_step(
     mask_token_id: int,
     encode_images: Any,
     collect_routing: bool = False,
+    blank_image: torch.Tensor | None = None,
 ) -> StepOutput:
     """Forward all views in one call and return the weighted loss with its parts.
 
     `encode_images` runs the vision tower; it is called once per batch and its features are shared
-    by both views of every sample (EBCMC: the tower runs once per complementary pair)."""
+    by both views of every sample (EBCMC: the tower runs once per complementary pair).
+    `blank_image` ([1, 3, S, S]), when given, goes through the tower with weight 0 in a batch
+    without images: data-parallel ranks reduce gradients bucket by bucket in lockstep, so every
+    rank's backward must reach the vision parameters even when its batch is text only."""
     noised = make_views(cfg, batch, mask_token_id, generator)
     views = noised.num_views
     real = batch.attention_mask
@@ -101,6 +105,8 @@ def training_step(
         )
     z = router_z_loss(out.router_logits, real.repeat(views, 1))
     total = diff.value + losses.lambda_bal * balance.value + losses.lambda_z * z.value
+    if features is None and blank_image is not None:
+        total = total + 0.0 * encode_images(blank_image).sum()
     metrics = {
         "loss_diffusion": diff.value.item(),
         "loss_bal": balance.value.item(),

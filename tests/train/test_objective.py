@@ -57,6 +57,22 @@ def test_collate_left_pads_and_eos_fills_the_response(tiny_model, rows):
     assert (batch.prompt_text_mask & batch.image_mask).sum() == 0
 
 
+def test_a_long_answer_does_not_pad_its_batch_mates_answers(tiny_model, rows):
+    """EOS padding is per row: a 12-token answer beside 1-token answers widens the batch, but
+    the short rows keep exactly `response_length` supervised tokens, so their answer's share of
+    the per-answer-length loss does not shrink with their batch mates."""
+    long_rows = {k: list(v) for k, v in rows.items()}
+    long_rows["input_ids"][0] = long_rows["input_ids"][0][: long_rows["prompt_length"][0]] + [30] * 11 + [1]
+    batch = make_batch(tiny_model, long_rows, response_length=4)
+    eos, pad = tiny_model.config.eos_token_id, tiny_model.config.pad_token_id
+    assert batch.input_ids.shape == (3, 20 + 12)
+    assert batch.response_mask.sum(1).tolist() == [12, 4, 4]
+    # Every response starts at the same column; a short row's columns after its window are padding.
+    assert batch.input_ids[1, 20:].tolist() == [40, 1, eos, eos] + [pad] * 8
+    assert not batch.attention_mask[1, 24:].any() and batch.attention_mask[1, 15:24].all()
+    assert batch.modality[2, 24:].tolist() == [-1] * 8
+
+
 @pytest.mark.parametrize("views", ["complementary", "independent", "single"])
 def test_every_stage_objective_is_finite_and_backpropagates(tiny_model, rows, views):
     cfg = TrainConfig(
@@ -135,3 +151,46 @@ def test_schedule_spans_optimizer_steps_when_accumulating():
     assert lr_multiplier(0, cfg) == pytest.approx(1.0)
     assert lr_multiplier(25, cfg) == pytest.approx(0.55)  # half-way through 50 optimizer steps
     assert lr_multiplier(50, cfg) == pytest.approx(0.1)
+
+
+def test_length_grouping_serves_every_row_once_in_batches_of_similar_length():
+    import numpy as np
+
+    from dimoe.train.batch import length_grouped
+
+    rng = np.random.default_rng(0)
+    lengths = rng.permutation([5] * 24 + [60] * 8)  # VQA-like rows with a quarter of descriptions
+    group = {
+        "input_ids": np.array([np.arange(n) for n in lengths], dtype=object),
+        "row": np.arange(len(lengths)),
+    }
+    batches = list(length_grouped([group], 8, np.random.default_rng(1)))
+    assert [len(b["row"]) for b in batches] == [8, 8, 8, 8]
+    assert sorted(np.concatenate([b["row"] for b in batches]).tolist()) == list(range(32))
+    widths = sorted(max(len(ids) for ids in b["input_ids"]) for b in batches)
+    assert widths == [5, 5, 5, 60]  # ungrouped, nearly every batch of 8 would hold a 60-token row
+    reordered = length_grouped([group], 8, np.random.default_rng(2))
+    assert [b["row"][0] for b in batches] != [b["row"][0] for b in reordered]  # batch order is shuffled
+
+
+def test_a_text_only_batch_still_reaches_the_vision_parameters_with_zero_gradient(tiny_model, rows):
+    """Data-parallel ranks reduce gradients in lockstep: a rank whose batch has no image must still
+    give the vision tower a gradient (zero), or ZeRO's bucket sizes differ between ranks."""
+    text_only = {k: [v[1]] * 2 for k, v in rows.items()}
+    batch = make_batch(tiny_model, text_only)
+    assert batch.pixel_values.numel() == 0
+    cfg = TrainConfig(stage="t", diffusion={"views": "complementary"})
+    size = tiny_model.config.image_size
+    grads = {}
+    for blank in (None, torch.zeros(1, 3, size, size)):
+        tiny_model.zero_grad(set_to_none=True)
+        out = training_step(
+            tiny_model.train(), cfg, batch, torch.Generator().manual_seed(0), None,
+            mask_token_id=tiny_model.config.mask_token_id, encode_images=tiny_model.encode_images,
+            blank_image=blank,
+        )  # fmt: skip
+        out.loss.backward()
+        grads[blank is not None] = (out.loss.item(), tiny_model.vision.projector[0].weight.grad)
+    assert grads[False][1] is None
+    assert grads[True][1] is not None and grads[True][1].abs().sum() == 0
+    assert grads[True][0] == grads[False][0]  # the blank image adds nothing to the loss

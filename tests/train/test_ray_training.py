@@ -144,3 +144,19 @@ def test_missing_init_from_and_zero_stage_4_are_rejected(tmp_path):
         run_stage(cfg)
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
         load_config("configs/train/tiny/stage2_full.yaml", TrainConfig, ["deepspeed.zero_stage=4"])
+
+
+def test_a_blend_too_small_for_one_batch_per_worker_is_rejected(tmp_path, tokenizer):
+    """Otherwise every pass over a worker's shard yields no batch and the stage never ends."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blend = tmp_path / "blends" / "stage0_naive"
+    blend.mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": [[5, 6, 7]] * 20, "prompt_length": [2] * 20}), blend / "a.parquet")
+    tok_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    common = [f"data.data_dir={tmp_path}", f"tokenizer={tok_dir}"]
+    cfg = load_config("configs/train/tiny/stage0_naive.yaml", TrainConfig, [*common, "batch_size=16"])
+    with pytest.raises(ConfigError, match="20 rows, 10 per worker for 2 workers, fewer than batch_size=16"):
+        run_stage(cfg)
