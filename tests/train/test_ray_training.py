@@ -37,7 +37,9 @@ def curriculum(ray_cluster, tokenizer, tmp_path_factory):
         "checkpoint.every_steps=3",
     ]
     configs = load_curriculum("configs/train/tiny", common)
-    steps = {"stage0_naive": 8, "stage1_align": 3, "stage2_full": 3, "stage3_lownfe": 2}
+    # 8 steps = one pass over a worker's 32 rows (one length group of 8 batches of 4), so stages 1
+    # and 2 see both the text-only and the image batches that length grouping makes.
+    steps = {"stage0_naive": 8, "stage1_align": 8, "stage2_full": 8, "stage3_lownfe": 2}
     configs = [c.model_copy(update={"max_steps": steps[c.stage]}) for c in configs]
     # Worker 0 raises once at step 5 of stage0: the run must resume from the step-3 checkpoint.
     configs[0] = configs[0].model_copy(update={"inject_failure_at_step": 5})
@@ -107,10 +109,15 @@ def test_logs_have_the_documented_fields(curriculum):
         "prompt",
         "response",
     }
-    grads = read_jsonl(logs / "gradient_stats.jsonl")[-1]
-    assert len(grads["experts"]) == 4 and len(grads["experts"][0]) == 8 and grads["vision"] > 0
-    align = read_jsonl(out / "stage1_align/logs/gradient_stats.jsonl")[-1]
-    assert align["vision"] == 0 and align["backbone"] == 0 and align["projector"] > 0
+    records = read_jsonl(logs / "gradient_stats.jsonl")
+    grads = records[-1]
+    assert len(grads["experts"]) == 4 and len(grads["experts"][0]) == 8
+    # Length grouping puts the short text rows into batches of their own, whose vision gradient is
+    # an exact zero (the blank image); the steps with images must give the tower a gradient.
+    assert max(r["vision"] for r in records) > 0 and min(r["vision"] for r in records) >= 0
+    align = read_jsonl(out / "stage1_align/logs/gradient_stats.jsonl")
+    assert all(r["vision"] == 0 and r["backbone"] == 0 for r in align)  # frozen groups
+    assert max(r["projector"] for r in align) > 0
 
 
 def test_rerun_of_a_finished_chain_skips_every_stage(curriculum, capsys):
