@@ -151,7 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + step if cfg.data.shuffle_buffer else None,
         )
-        order_rng = np.random.default_rng(cfg.seed * 1000 + rank + step)
+        order_rng = np.random.default_rng([cfg.seed, rank, step])  # batch order of this pass
         for rows in length_grouped(groups, cfg.batch_size, order_rng):
             if step >= cfg.max_steps:
                 break

@@ -112,9 +112,9 @@ def test_logs_have_the_documented_fields(curriculum):
     records = read_jsonl(logs / "gradient_stats.jsonl")
     grads = records[-1]
     assert len(grads["experts"]) == 4 and len(grads["experts"][0]) == 8
-    # Length grouping puts the short text rows into batches of their own, whose vision gradient is
-    # an exact zero (the blank image); the steps with images must give the tower a gradient.
-    assert max(r["vision"] for r in records) > 0 and min(r["vision"] for r in records) >= 0
+    # Length grouping puts the short text rows into batches of their own (the tower then only sees
+    # the weight-0 blank image), so not every step has a vision gradient; the image steps must.
+    assert max(r["vision"] for r in records) > 0
     align = read_jsonl(out / "stage1_align/logs/gradient_stats.jsonl")
     assert all(r["vision"] == 0 and r["backbone"] == 0 for r in align)  # frozen groups
     assert max(r["projector"] for r in align) > 0
