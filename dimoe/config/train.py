@@ -45,6 +45,11 @@ class DiffusionSpec(StrictModel):
     loss_norm: Literal["token", "sequence", "batch"] = "sequence"
     include_prompt_ratio: float = Field(0.0, ge=0, le=1)
     mask_eps: float = Field(1e-3, gt=0, lt=1)
+    # Loss weight of the EOS tokens that pad an answer past its own EOS. 1.0 is LLaDA's SFT recipe
+    # (padding EOS are ordinary supervised tokens). A one-word answer padded to 32 is then 31/32
+    # trivially predictable padding: from scratch that padding signal delays the image-conditioned
+    # answer by hundreds of steps, so the tiny profile lowers it. The answer's own EOS keeps weight 1.
+    eos_padding_weight: float = Field(1.0, ge=0, le=1)
 
 
 class LossSpec(StrictModel):

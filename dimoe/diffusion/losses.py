@@ -68,6 +68,7 @@ def masked_diffusion_loss(
     loss_weight: LossWeight = "elbo",
     loss_norm: LossNorm = "token",
     answer_lengths: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Cross-entropy on masked tokens, weighted and normalised as configured.
 
@@ -80,7 +81,10 @@ def masked_diffusion_loss(
       (the per-answer-length normalisation of LLaDA SFT, Eq. 5), averaged over all B rows;
     - ``batch``:    sum_i S_i / sum_i n_i, i.e. normalised by the total eligible tokens in the batch.
 
-    Denominators are clamped to >= 1, so a batch without masked tokens gives 0.
+    ``token_weight`` (Float[B, L], optional) scales each token's cross-entropy inside S_i, and M
+    becomes the summed weight of the masked tokens; give ``answer_lengths`` as the matching
+    weighted eligible counts. Denominators are clamped to >= 1, so a batch without masked tokens
+    gives 0.
 
     Stats: ``masked_tokens`` (M), ``zero_masked_samples`` (rows with no masked token, problem D),
     ``supervised_fraction`` (rows with >= 1 masked token / B), ``ce_mean`` (unweighted CE per masked
@@ -93,12 +97,13 @@ def masked_diffusion_loss(
     masked = masked.bool()
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
     batch = masked.shape[0]
-    ce_per_row = ce.new_zeros(batch).index_add(0, _per_position_rows(masked), ce)
+    weights = token_weight[masked].float() if token_weight is not None else torch.ones_like(ce)
+    ce_per_row = ce.new_zeros(batch).index_add(0, _per_position_rows(masked), ce * weights)
     weight = 1.0 / p.float() if loss_weight == "elbo" else torch.ones_like(ce_per_row)
     weighted = weight * ce_per_row
     num_masked = masked.sum()
     if loss_norm == "token":
-        value = weighted.sum() / num_masked.clamp(min=1)
+        value = weighted.sum() / weights.sum().clamp(min=1)
     elif loss_norm == "sequence":
         value = (weighted / answer_lengths.clamp(min=1)).mean()
     else:
@@ -110,7 +115,7 @@ def masked_diffusion_loss(
         "supervised_fraction": 1.0 - zero_rows.float() / batch,
         "ce_mean": ce.detach().sum() / num_masked.clamp(min=1),
     }
-    if answer_lengths is not None:
+    if answer_lengths is not None and token_weight is None:  # weighted lengths are not token counts
         stats["mask_ratio"] = num_masked.float() / answer_lengths.sum().clamp(min=1)
     return LossOutput(value, stats)
 

@@ -32,6 +32,7 @@ class TrainBatch:
     attention_mask: torch.Tensor  # [B, L] bool, False on left padding
     prefix_mask: torch.Tensor  # [B, L] bool, image + prompt tokens
     response_mask: torch.Tensor  # [B, L] bool, answer + EOS padding
+    eos_padding_mask: torch.Tensor  # [B, L] bool, the EOS padding after each answer's own EOS
     prompt_text_mask: torch.Tensor  # [B, L] bool, prompt tokens that are not image tokens
     image_mask: torch.Tensor  # [B, L] bool
     pixel_values: torch.Tensor  # [n_images, 3, S, S] for the rows that have an image, in row order
@@ -85,12 +86,14 @@ def collate(
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     attention = torch.zeros(b, length, dtype=torch.bool)
     prefix = torch.zeros(b, length, dtype=torch.bool)
+    eos_padding = torch.zeros(b, length, dtype=torch.bool)
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
         start = length - response - p  # left padding starts every response at the same column
         end = start + p + windows[i]
         ids[i, start : start + p] = torch.from_numpy(seq[:p])
         ids[i, start + p : start + p + len(answers[i])] = torch.from_numpy(answers[i])
         ids[i, start + p + len(answers[i]) : end] = eos_id
+        eos_padding[i, start + p + len(answers[i]) : end] = True
         attention[i, start:end] = True
         prefix[i, start : start + p] = True
     image_mask = ids == image_id
@@ -99,4 +102,6 @@ def collate(
     if images and processor is None:
         raise ValueError("the batch has images but the model has no vision tower")
     pixels = processor(images) if processor is not None else torch.zeros(0)
-    return TrainBatch(ids, attention, prefix, response_mask, prefix & ~image_mask, image_mask, pixels)
+    return TrainBatch(
+        ids, attention, prefix, response_mask, eos_padding, prefix & ~image_mask, image_mask, pixels
+    )

@@ -90,10 +90,11 @@ def training_step(
     )
     targets = batch.input_ids.repeat(views, 1)
     losses = cfg.losses
+    token_weight, answer_lengths = _eos_padding_weights(cfg, batch, noised)
     diff = masked_diffusion_loss(
         out.logits, targets, noised.masked, noised.p,
         loss_weight=cfg.diffusion.loss_weight, loss_norm=cfg.diffusion.loss_norm,
-        answer_lengths=noised.answer_lengths,
+        answer_lengths=answer_lengths, token_weight=token_weight,
     )  # fmt: skip
     visible = noised.visible(real)
     k = cfg.diffusion.num_t_buckets
@@ -144,6 +145,19 @@ def training_step(
     metrics["loss"] = total.item()
     routing = _routing_stats(out, noised, batch, visible, k, consistency) if collect_routing else {}
     return StepOutput(total, metrics, routing)
+
+
+def _eos_padding_weights(
+    cfg: TrainConfig, batch: TrainBatch, noised: NoisedBatch
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-token loss weights that scale the EOS padding by `eos_padding_weight`, and the matching
+    weighted eligible count per row (the `sequence` normaliser); (None, plain counts) at weight 1."""
+    w = cfg.diffusion.eos_padding_weight
+    if w == 1.0:
+        return None, noised.answer_lengths
+    padding = batch.eos_padding_mask.repeat(noised.num_views, 1)
+    weight = torch.where(padding, w, 1.0)
+    return weight, (weight * noised.eligible).sum(dim=1)
 
 
 def _zero_supervision_samples(noised: NoisedBatch) -> int:

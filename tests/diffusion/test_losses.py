@@ -71,6 +71,25 @@ def test_masked_diffusion_loss_matches_hand_values(weight: str, norm: str, expec
     assert float(out.stats["ce_mean"]) == pytest.approx((CE00 + CE01 + CE10) / 3, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("norm", "lengths", "expected"),
+    [
+        # token (0,1) at weight 0.25: S_0 = 2 (CE00 + CE01 / 4), S_1 = 4 CE10
+        ("token", None, (2 * (CE00 + CE01 / 4) + 4 * CE10) / 2.25),
+        ("sequence", torch.tensor([2.25, 2.0]), (2 * (CE00 + CE01 / 4) / 2.25 + 4 * CE10 / 2) / 2),
+    ],
+)
+def test_token_weight_scales_a_tokens_loss_and_its_share_of_the_normaliser(norm, lengths, expected) -> None:
+    logits, targets, masked = _tiny_batch()
+    weight = torch.ones(2, 3)
+    weight[0, 1] = 0.25
+    out = masked_diffusion_loss(
+        logits, targets, masked, P, loss_norm=norm, answer_lengths=lengths, token_weight=weight
+    )
+    assert out.value.item() == pytest.approx(expected, rel=1e-6)
+    assert "mask_ratio" not in out.stats  # weighted lengths are not token counts
+
+
 def test_masked_diffusion_loss_gradient_only_at_masked_positions() -> None:
     logits, targets, masked = _tiny_batch()
     masked_diffusion_loss(logits, targets, masked, P).value.backward()

@@ -194,3 +194,42 @@ def test_a_text_only_batch_still_reaches_the_vision_parameters_with_zero_gradien
     assert grads[False][1] is None
     assert grads[True][1] is not None and grads[True][1].abs().sum() == 0
     assert grads[True][0] == grads[False][0]  # the blank image adds nothing to the loss
+
+
+def test_eos_padding_weight_scales_only_the_padding_after_each_answer(tiny_model, rows):
+    """`eos_padding_weight` marks the EOS tokens after an answer's own EOS; at 0 their predictions
+    get no gradient while the answer and its own EOS keep theirs, and at 1 the loss is LLaDA's."""
+    batch = make_batch(tiny_model, rows)
+    assert batch.eos_padding_mask.sum(1).tolist() == [5, 6, 6]  # 8 minus the answer with its EOS
+    assert not (batch.eos_padding_mask & ~batch.response_mask).any()
+    model = tiny_model.train()
+    results = {}
+    logits: list[torch.Tensor] = []
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        logits.append(out)
+
+    for weight in (1.0, 0.0):
+        all_masked = {"kind": "band", "t_min": 0.99}
+        cfg = TrainConfig(
+            stage="t",
+            diffusion={"views": "single", "timesteps": all_masked, "eos_padding_weight": weight},
+            losses={"lambda_bal": 0, "lambda_z": 0},
+        )
+        logits.clear()
+        hook = model.lm_head.register_forward_hook(keep_logits)
+        model.zero_grad(set_to_none=True)
+        out = training_step(
+            model, cfg, batch, torch.Generator().manual_seed(0), None,
+            mask_token_id=tiny_model.config.mask_token_id, encode_images=tiny_model.encode_images,
+        )  # fmt: skip
+        out.loss.backward()
+        hook.remove()
+        results[weight] = (out.loss.item(), logits[0].grad.abs().sum(-1))
+    grad = results[0.0][1]
+    assert (grad[batch.eos_padding_mask] == 0).all()
+    answer = batch.response_mask & ~batch.eos_padding_mask
+    assert (grad[answer] > 0).all()
+    assert (results[1.0][1][batch.eos_padding_mask] > 0).all()
+    assert results[0.0][0] != pytest.approx(results[1.0][0])
