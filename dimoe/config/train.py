@@ -72,6 +72,10 @@ class DataSpec(StrictModel):
     # Rows are drawn `group_by_length` batches at a time, sorted by length and cut into batches
     # served in random order, so short VQA rows are not padded to a long description (1: off).
     group_by_length: int = Field(1, ge=1)
+    # The sort is by `length_bucket`-token band, in random order within a band: sorted by exact
+    # length, rows of one template (each VQA question type has its own length) fill whole batches,
+    # and a from-scratch model then never learns the types side by side.
+    length_bucket: int = Field(32, ge=1)
 
 
 class DeepSpeedSpec(StrictModel):

@@ -152,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.seed + step if cfg.data.shuffle_buffer else None,
         )
         order_rng = np.random.default_rng([cfg.seed, rank, step])  # batch order of this pass
-        for rows in length_grouped(groups, cfg.batch_size, order_rng):
+        for rows in length_grouped(groups, cfg.batch_size, order_rng, cfg.data.length_bucket):
             if step >= cfg.max_steps:
                 break
             if cfg.inject_failure_at_step == step and rank == 0:

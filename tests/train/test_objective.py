@@ -164,13 +164,34 @@ def test_length_grouping_serves_every_row_once_in_batches_of_similar_length():
         "input_ids": np.array([np.arange(n) for n in lengths], dtype=object),
         "row": np.arange(len(lengths)),
     }
-    batches = list(length_grouped([group], 8, np.random.default_rng(1)))
+    batches = list(length_grouped([group], 8, np.random.default_rng(1), bucket=32))
     assert [len(b["row"]) for b in batches] == [8, 8, 8, 8]
     assert sorted(np.concatenate([b["row"] for b in batches]).tolist()) == list(range(32))
     widths = sorted(max(len(ids) for ids in b["input_ids"]) for b in batches)
     assert widths == [5, 5, 5, 60]  # ungrouped, nearly every batch of 8 would hold a 60-token row
-    reordered = length_grouped([group], 8, np.random.default_rng(2))
+    reordered = length_grouped([group], 8, np.random.default_rng(2), bucket=32)
     assert [b["row"][0] for b in batches] != [b["row"][0] for b in reordered]  # batch order is shuffled
+
+
+def test_length_grouping_mixes_row_kinds_of_nearly_equal_length():
+    """The demo's four VQA question types are 26, 27, 28 and 30 tokens long: sorted by exact length,
+    every batch held one type, and the tiny model stayed at the per-type majority answer."""
+    import numpy as np
+
+    from dimoe.train.batch import length_grouped
+
+    kinds = np.random.default_rng(0).permutation(np.repeat(np.arange(4), 8))
+    group = {
+        "input_ids": np.array([np.arange(n) for n in np.array([26, 27, 28, 30])[kinds]], dtype=object),
+        "kind": kinds,
+    }
+
+    def kinds_per_batch(bucket: int) -> list[int]:
+        batches = length_grouped([group], 8, np.random.default_rng(1), bucket=bucket)
+        return [len(set(b["kind"].tolist())) for b in batches]
+
+    assert kinds_per_batch(bucket=1) == [1, 1, 1, 1]  # exact length: one kind per batch
+    assert min(kinds_per_batch(bucket=32)) >= 2  # one 32-token band: the kinds share batches
 
 
 def test_a_text_only_batch_still_reaches_the_vision_parameters_with_zero_gradient(tiny_model, rows):
