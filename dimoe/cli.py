@@ -128,6 +128,22 @@ def model_init(
     print_json({"checkpoint": str(out), **count_parameters(model).as_dict()})
 
 
+@model_app.command("pretrain-vision")
+@user_errors
+def model_pretrain_vision(
+    config: Annotated[Path, typer.Option(help="e.g. configs/vision_pretrain/tiny.yaml.")] = Path(
+        "configs/vision_pretrain/tiny.yaml"
+    ),
+    set_: SetOption = None,
+) -> None:
+    """Pretrain a small SigLIP from scratch (sigmoid image–caption loss) for `model init --vision-from`."""
+    from dimoe.config.loader import load_config
+    from dimoe.config.train import VisionPretrainConfig
+    from dimoe.train.vision_pretrain import pretrain_vision
+
+    print_json(pretrain_vision(load_config(config, VisionPretrainConfig, set_ or [])))
+
+
 @model_app.command("info")
 @user_errors
 def model_info(checkpoint: Path) -> None:

@@ -27,6 +27,8 @@ def test_every_artifact_exists(quickstart):
     out, _ = quickstart
     assert (out / "data/demo/raw/stage3_vision.json").is_file()
     assert (out / "data/v1/normalize_summary.json").is_file()
+    assert (out / "models/tiny-siglip/model.safetensors").is_file()
+    assert (out / "models/dimoe-vl-tiny/config.json").is_file()  # stage0's init: pretrained tower inside
     for blend in ("stage0_naive", "stage1_align", "stage2_full", "stage3_lownfe"):
         assert list((out / "data/v1/blends" / blend).glob("*.parquet")), blend
         assert (out / "train" / blend / "final/model.safetensors").is_file()

@@ -18,6 +18,7 @@ SCHEMAS: dict[str, str] = {
     "eval": "dimoe.config.eval:EvalConfig",
     "serve": "dimoe.config.serve:ServeConfig",
     "tune": "dimoe.config.tune:TuneConfig",
+    "vision_pretrain": "dimoe.config.train:VisionPretrainConfig",
 }
 _BY_FILE = {"stage_blends.yaml": "blends", "normalize.yaml": "normalize"}
 

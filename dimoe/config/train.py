@@ -140,3 +140,31 @@ class TrainConfig(StrictModel):
 
     def group(self, name: str) -> GroupSpec:
         return self.groups.get(name, GroupSpec())
+
+
+class TextTowerSpec(StrictModel):
+    """The SigLIP text tower that pretraining pairs with the vision tower (discarded afterwards)."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(2, gt=0)
+    max_length: int = Field(64, gt=0)  # captions are padded/truncated to this many tokens
+
+
+class VisionPretrainConfig(StrictModel):
+    """Schema of `configs/vision_pretrain/*.yaml`: SigLIP pretraining of a small vision tower."""
+
+    model: str = "configs/model/tiny.yaml"  # the vision tower's architecture comes from its `vision:`
+    tokenizer: str = "artifacts/data/demo/tokenizer"
+    data_dir: str = "artifacts/data/v1"
+    source: str = "stage1_projector"  # normalized source whose train-split (image, response) pairs are used
+    out_dir: str = "artifacts/models/tiny-siglip"
+    text: TextTowerSpec = Field(default_factory=TextTowerSpec)
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=2)  # the sigmoid loss needs negatives: every other pair in the batch
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
