@@ -95,9 +95,10 @@ def _pretrain_vision(ctx: QuickstartContext) -> dict[str, Any]:
         overrides.append(f"steps={VISION_STEPS_FAST}")
     cfg = load_config("configs/vision_pretrain/tiny.yaml", VisionPretrainConfig, overrides)
     summary = pretrain_vision(cfg)
+    tokenizer = load_tokenizer(ctx.tokenizer_dir)
     spec = load_config(cfg.model, ModelConfig)
-    model = build_model(spec, load_tokenizer(ctx.tokenizer_dir), vision_from=cfg.out_dir, seed=ctx.seed)
-    save_checkpoint(model, load_tokenizer(ctx.tokenizer_dir), ctx.init_dir)
+    model = build_model(spec, tokenizer, vision_from=cfg.out_dir, seed=ctx.seed)
+    save_checkpoint(model, tokenizer, ctx.init_dir)
     return {"siglip": summary, "init": str(ctx.init_dir)}
 
 
@@ -113,9 +114,9 @@ def _train(ctx: QuickstartContext) -> dict[str, Any]:
         f"data.data_dir={ctx.data_dir}",
         f"tokenizer={ctx.tokenizer_dir}",
         f"output_dir={ctx.train_dir}",
+        f"init_from={ctx.init_dir.resolve()}",  # stage0's start; each later stage continues the previous one
     ]
     configs = load_curriculum("configs/train/tiny", overrides)
-    configs[0] = configs[0].model_copy(update={"init_from": str(ctx.init_dir.resolve())})
     if ctx.fast:
         configs = [c.model_copy(update={"max_steps": STEPS_FAST[c.stage], "log_every": 5}) for c in configs]
     results = run_curriculum(configs)

@@ -32,6 +32,17 @@ class VisionConfig(StrictModel):
     def num_image_tokens(self) -> int:
         return image_token_count(self.image_size, self.patch_size, self.pool_2x2)
 
+    def siglip_shape(self) -> dict[str, int]:
+        """The tower's shape as `SiglipVisionConfig` fields."""
+        return {
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+        }
+
 
 class ModelConfig(StrictModel):
     """Backbone in the LLaDA-MoE / OLMoE layout, bidirectional, plus the vision tower."""

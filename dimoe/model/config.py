@@ -81,18 +81,7 @@ class DiMoEConfig(PretrainedConfig):
 
 def hf_config_from_spec(spec: ModelConfig, token_ids: dict[str, int], vocab_size: int) -> DiMoEConfig:
     """Build the HF config from a validated YAML spec and the tokenizer's special ids."""
-    vision = None
-    if spec.vision is not None:
-        v = spec.vision
-        vision = {
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_hidden_layers,
-            "num_attention_heads": v.num_attention_heads,
-            "vision_use_head": False,
-        }
+    vision = {**spec.vision.siglip_shape(), "vision_use_head": False} if spec.vision is not None else None
     return DiMoEConfig(
         vocab_size=spec.vocab_size or vocab_size,
         hidden_size=spec.hidden_size,
