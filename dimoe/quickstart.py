@@ -17,6 +17,8 @@ from typing import Any
 
 from rich.console import Console
 
+from dimoe.config.eval import EvalConfig
+
 console = Console()
 
 
@@ -123,9 +125,6 @@ def _train(ctx: QuickstartContext) -> dict[str, Any]:
     return {r.stage: str(r.final_dir) for r in results}
 
 
-# 32 tokens: the presets' step counts (up to 32) need at least as many positions, and a description
-# fits; one-word answers stop at their EOS.
-DEMO_DECODE = {"gen_length": 32, "block_length": 32}
 PRESETS = ("fast", "mid", "best")
 DEMO_TASKS = ("demo_vqa_colour", "demo_vqa_shape", "demo_vqa_count", "demo_vqa_position", "demo_describe")
 
@@ -135,15 +134,10 @@ def _final(ctx: QuickstartContext, stage: str) -> Path:
 
 
 def _evaluate(ctx: QuickstartContext) -> dict[str, Any]:
-    from dimoe.config.eval import EvalConfig
-    from dimoe.config.loader import load_config
     from dimoe.eval.runner import run_eval
     from dimoe.eval.summarize import summarize
 
-    overrides = [f"data_root={ctx.demo_dir}"]
-    if ctx.fast:
-        overrides += [f"tasks.{task}.max_samples=24" for task in DEMO_TASKS]
-    cfg = load_config("configs/eval/default.yaml", EvalConfig, overrides)
+    cfg = _eval_config(ctx)
     eval_root = ctx.root / "eval"
     runs = {
         (stage, preset): eval_root / f"{stage}_{preset}" for stage in ("stage3_lownfe",) for preset in PRESETS
@@ -151,7 +145,8 @@ def _evaluate(ctx: QuickstartContext) -> dict[str, Any]:
     runs[("stage0_naive", "best")] = eval_root / "stage0_naive_best"
     scores = {}
     for (stage, preset), out in runs.items():
-        result = run_eval(cfg, "demo", preset, _final(ctx, stage), out, overrides=DEMO_DECODE, batch_size=32)
+        # Each task decodes its own answer length (tasks.<name>.gen_length of the eval config).
+        result = run_eval(cfg, "demo", preset, _final(ctx, stage), out, batch_size=32)
         label = "naive" if stage == "stage0_naive" else "final"
         scores[f"{label}/{preset}"] = {
             task: round(r["score"], 3) for task, r in result["tasks"].items() if "score" in r
@@ -160,6 +155,15 @@ def _evaluate(ctx: QuickstartContext) -> dict[str, Any]:
     _print_accuracy_table(scores, _majority_baselines(ctx))
     console.print(f"full tables (with NFE, tokens/s, NFE × active params): {tables['markdown']}")
     return {"scores": scores, "tables": {k: str(v) for k, v in tables.items()}}
+
+
+def _eval_config(ctx: QuickstartContext) -> EvalConfig:
+    from dimoe.config.loader import load_config
+
+    overrides = [f"data_root={ctx.demo_dir}"]
+    if ctx.fast:
+        overrides += [f"tasks.{task}.max_samples=24" for task in DEMO_TASKS]
+    return load_config("configs/eval/default.yaml", EvalConfig, overrides)
 
 
 def _majority_baselines(ctx: QuickstartContext) -> dict[str, float]:
@@ -229,6 +233,7 @@ def _serve(ctx: QuickstartContext) -> dict[str, Any]:
             return sock.getsockname()[1]
 
     row = json.loads((ctx.demo_dir / "eval" / "vqa_test.jsonl").read_text().splitlines()[0])
+    answer_tokens = _eval_config(ctx).tasks[f"demo_vqa_{row['question_type']}"].gen_length
     image = (ctx.demo_dir / row["image"]).read_bytes()
     server = start_server_background(
         _final(ctx, "stage3_lownfe"), http_port=free_port(), grpc_port=free_port()
@@ -241,14 +246,14 @@ def _serve(ctx: QuickstartContext) -> dict[str, Any]:
             messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": row["question"]},
             ]}],
-            max_tokens=DEMO_DECODE["gen_length"],
+            max_tokens=answer_tokens,
             extra_body={"preset": "fast"},
         )  # fmt: skip
         pb2 = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2")
         pb2_grpc = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2_grpc")
         with grpc.insecure_channel(server.grpc_target) as channel:
             request = pb2.GenerateRequest(
-                prompt=row["question"], image=image, preset="fast", gen_length=DEMO_DECODE["gen_length"]
+                prompt=row["question"], image=image, preset="fast", gen_length=answer_tokens
             )
             answer = pb2_grpc.DiMoEStub(channel).Generate(request, timeout=120)
     finally:

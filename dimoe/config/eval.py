@@ -10,6 +10,9 @@ from dimoe.config.base import StrictModel
 class TaskData(StrictModel):
     path: str  # relative to data_root unless absolute
     max_samples: int | None = Field(None, gt=0)
+    # Response tokens to generate for this task (its answers' length, like lmms-eval's
+    # max_new_tokens); None: the preset's. A run's explicit --gen-length wins over it.
+    gen_length: int | None = Field(None, gt=0)
 
 
 class EvalConfig(StrictModel):

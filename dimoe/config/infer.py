@@ -83,6 +83,23 @@ class DecodeSettings(StrictModel):
         return self
 
 
+def _fit_schedule(base: DecodeSettings, given: dict[str, Any]) -> dict[str, Any]:
+    """`given` plus the block_length and steps that fit the preset's schedule to a given gen_length
+    (see InferConfig.resolve). A gen_length that is not a positive int is left to validation."""
+    gen_length = given.get("gen_length", base.gen_length)
+    if not isinstance(gen_length, int) or gen_length <= 0:
+        return given
+    fitted = dict(given)
+    if "block_length" not in given and gen_length % base.block_length:
+        fitted["block_length"] = gen_length
+    block_length = fitted.get("block_length", base.block_length)
+    fits = isinstance(block_length, int) and block_length > 0 and gen_length % block_length == 0
+    if "steps" not in given and fits:
+        blocks = gen_length // block_length
+        fitted["steps"] = -(-min(base.steps, gen_length) // blocks) * blocks  # ceil to whole blocks
+    return fitted
+
+
 def _default_presets() -> dict[str, DecodeSettings]:
     return {name: DecodeSettings(steps=steps) for name, steps in (("fast", 8), ("mid", 16), ("best", 32))}
 
@@ -104,7 +121,14 @@ class InferConfig(StrictModel):
 
     def resolve(self, preset: str | None = None, overrides: dict[str, Any] | None = None) -> DecodeSettings:
         """The settings of `preset` (default: `default_preset`) with `overrides` applied; None values
-        are ignored so a CLI can pass every flag. Raises ConfigError naming the bad field."""
+        are ignored so a CLI can pass every flag. Raises ConfigError naming the bad field.
+
+        When the overrides pick a gen_length but not the schedule (a task's answer length, an OpenAI
+        client's max_tokens), the preset's schedule is fitted to it, so every preset works at every
+        length: one block when the preset's block_length does not divide gen_length, and the
+        preset's steps read as a budget — at most one step per token, rounded up to a whole number
+        per block. So at gen_length 8 `best` (32 steps) decodes in 8 steps, one token each, which is
+        already the finest schedule there is. Explicit steps / block_length are never changed."""
         name = preset or self.default_preset
         try:
             base = self.preset(name)
@@ -112,7 +136,7 @@ class InferConfig(StrictModel):
             raise ConfigError(str(exc)) from None
         given = {key: value for key, value in (overrides or {}).items() if value is not None}
         try:
-            return DecodeSettings.model_validate({**base.model_dump(), **given})
+            return DecodeSettings.model_validate({**base.model_dump(), **_fit_schedule(base, given)})
         except ValidationError as exc:
             raise ConfigError(
                 format_validation_error(exc, f"preset {name!r} with overrides {given}")

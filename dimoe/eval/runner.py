@@ -14,7 +14,8 @@ Layout of `out_dir`:
 
     scores.json                  the run (model, checkpoint, preset, strategy, settings, active params)
                                  and per task: score, n, mean NFE, latency, tokens/s, NFE × active
-                                 params (billions), or `status: skipped` with the reason
+                                 params (billions), the task's gen_length and steps, or
+                                 `status: skipped` with the reason
     <task>/predictions.jsonl     per example: id, prompt, output, prediction, gold, score, nfe, latency_s
     <task>/summary.json          the task's metrics and run identity; written last, so its presence
                                  means the task is complete and a re-run reuses it
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from dimoe.config.eval import EvalConfig
+from dimoe.config.eval import EvalConfig, TaskData
 from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import Row, Task, get_task, read_records
@@ -105,12 +106,15 @@ def prepare_task(config: EvalConfig, name: str) -> PreparedTask:
 
 
 class EvalDecoder:
-    """Ray Data actor UDF: loads the engine once, decodes batches of prompts with fixed settings.
+    """Ray Data actor UDF: loads the engine once, decodes batches of prompts with each task's
+    settings (`settings` by task name; a batch that mixes tasks is decoded per distinct settings).
 
-    Each output row carries its share of the batch's decoding time (`decode_s`), so throughput can
+    Each output row carries its share of its group's decoding time (`decode_s`), so throughput can
     be summed per task even when a batch mixes tasks."""
 
-    def __init__(self, checkpoint: str, settings: dict[str, Any], batch_size: int, use_gpu: bool) -> None:
+    def __init__(
+        self, checkpoint: str, settings: dict[str, dict[str, Any]], batch_size: int, use_gpu: bool
+    ) -> None:
         from dimoe.infer.engine import GenerationEngine
 
         # Decided here, not on the driver: the head node may have no GPU while the workers do.
@@ -121,21 +125,26 @@ class EvalDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from dimoe.infer.inputs import Request
 
-        requests = [
-            Request(str(key), prompt=str(prompt), image=Path(image).read_bytes() if image else None)
-            for key, prompt, image in zip(batch["key"], batch["prompt"], batch["image"], strict=True)
-        ]
-        started = time.perf_counter()
-        results = self.engine.generate(requests, batch_size=self.batch_size, **self.settings)
-        share = (time.perf_counter() - started) / max(len(results), 1)
-        return {
-            "key": [result.id for result in results],
-            "output": [result.output for result in results],
-            "output_tokens": [len(result.output_ids) for result in results],
-            "nfe": [result.nfe for result in results],
-            "latency_s": [result.latency_s for result in results],
-            "decode_s": [share] * len(results),
+        groups: dict[str, list[Request]] = {}
+        for key, prompt, image in zip(batch["key"], batch["prompt"], batch["image"], strict=True):
+            request = Request(str(key), prompt=str(prompt), image=Path(image).read_bytes() if image else None)
+            settings = self.settings[_task_of(request.id)]
+            groups.setdefault(json.dumps(settings, sort_keys=True), []).append(request)
+        columns: dict[str, list[Any]] = {
+            name: [] for name in ("key", "output", "output_tokens", "nfe", "latency_s", "decode_s")
         }
+        for settings, requests in groups.items():
+            started = time.perf_counter()
+            results = self.engine.generate(requests, batch_size=self.batch_size, **json.loads(settings))
+            share = (time.perf_counter() - started) / len(results)
+            for result in results:
+                columns["key"].append(result.id)
+                columns["output"].append(result.output)
+                columns["output_tokens"].append(len(result.output_ids))
+                columns["nfe"].append(result.nfe)
+                columns["latency_s"].append(result.latency_s)
+                columns["decode_s"].append(share)
+        return columns
 
 
 def _python(value: Any) -> Any:
@@ -148,17 +157,21 @@ def _row_key(task: str, row_id: str) -> str:
     return f"{task}/{row_id}"
 
 
+def _task_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
 def _decode(
     pending: list[PreparedTask],
     checkpoint: str,
-    settings: DecodeSettings,
+    settings: dict[str, DecodeSettings],
     num_actors: int,
     batch_size: int,
     num_gpus: float,
     progress: bool,
 ) -> Iterator[tuple[PreparedTask, dict[str, dict]]]:
-    """Decode every pending task's prompts on one actor pool; yield each task with its outputs
-    (by row id) as soon as all of its rows are back."""
+    """Decode every pending task's prompts (with `settings[task]`) on one actor pool; yield each
+    task with its outputs (by row id) as soon as all of its rows are back."""
     import ray.data
     from rich.progress import Progress
 
@@ -183,7 +196,7 @@ def _decode(
             EvalDecoder,
             fn_constructor_kwargs={
                 "checkpoint": checkpoint,
-                "settings": settings.model_dump(),
+                "settings": {prepared.name: settings[prepared.name].model_dump() for prepared in pending},
                 "batch_size": batch_size,
                 "use_gpu": num_gpus > 0,
             },
@@ -317,10 +330,21 @@ def _finish_task(
         "nfe_x_active_params_b": mean_nfe * active_b,
         "strategy": settings.strategy,
         "preset": preset,
+        "gen_length": settings.gen_length,
+        "steps": settings.steps,
         "data": str(prepared.data_path),
     }
     _write_json(task_dir / TASK_SUMMARY_FILE, {"task": prepared.name, "run": identity, "metrics": metrics})
     return metrics
+
+
+def _task_settings(
+    infer_config: InferConfig, preset: str, task: TaskData, run_overrides: dict[str, Any]
+) -> DecodeSettings:
+    """A task's decoding settings: the preset, then the task's own gen_length (its answers' length;
+    the preset's schedule is fitted to it), then the run's overrides, which win."""
+    given = {key: value for key, value in run_overrides.items() if value is not None}
+    return infer_config.resolve(preset, {"gen_length": task.gen_length, **given})
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -343,7 +367,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """`dimoe eval run`: evaluate `checkpoint` on a suite (or one task) with a decoding preset.
 
-    strategy / overrides: decoding fields over the preset (None values ignored); infer_config: where
+    Each task decodes with the preset fitted to its own `gen_length` (eval config), then
+    strategy / overrides: decoding fields over both (None values ignored); infer_config: where
     the presets come from (default: configs/infer/default.yaml's values). num_actors decoding actors,
     each with `num_gpus` GPUs (0: CPU), decode batches of `batch_size` prompts. Tasks already complete
     in `out_dir` are reused; `progress` shows a progress bar over examples (for the CLI). Returns the
@@ -351,13 +376,16 @@ def run_eval(
     if num_actors < 1 or batch_size < 1:
         raise ValueError(f"num_actors and batch_size must be >= 1, got {num_actors} and {batch_size}")
     names, strict = suite_tasks(config, suite)
-    settings = (infer_config or InferConfig()).resolve(preset, {**(overrides or {}), "strategy": strategy})
+    infer_config = infer_config or InferConfig()
+    run_overrides = {**(overrides or {}), "strategy": strategy}
+    settings = infer_config.resolve(preset, run_overrides)
     checkpoint = Path(checkpoint)
     active_b = active_params_b(checkpoint)
     out_dir = Path(out_dir)
     entries: dict[str, dict[str, Any]] = {}
     pending: list[PreparedTask] = []
     identities: dict[str, dict[str, Any]] = {}
+    task_settings: dict[str, DecodeSettings] = {}
     reused: list[str] = []
     for name in names:
         try:
@@ -367,7 +395,8 @@ def run_eval(
                 raise
             entries[name] = {"status": "skipped", "reason": str(exc)}
             continue
-        identities[name] = _identity(prepared, config, checkpoint, settings)
+        task_settings[name] = _task_settings(infer_config, preset, config.tasks[name], run_overrides)
+        identities[name] = _identity(prepared, config, checkpoint, task_settings[name])
         stored = _reusable(out_dir / name, identities[name])
         if stored is not None:
             entries[name] = stored
@@ -392,10 +421,11 @@ def run_eval(
     scores = write_scores_file()
     if pending:
         for prepared, outputs in _decode(
-            pending, str(checkpoint), settings, num_actors, batch_size, num_gpus, progress
+            pending, str(checkpoint), task_settings, num_actors, batch_size, num_gpus, progress
         ):
-            entries[prepared.name] = _finish_task(
-                prepared, outputs, out_dir, identities[prepared.name], settings, preset, active_b
+            name = prepared.name
+            entries[name] = _finish_task(
+                prepared, outputs, out_dir, identities[name], task_settings[name], preset, active_b
             )
             scores = write_scores_file()
     skipped = [name for name in names if entries[name]["status"] == "skipped"]

@@ -182,25 +182,15 @@ def check_image(data: bytes, limits: LimitsConfig, param: str) -> bytes:
 
 
 def fit_settings(config: InferConfig, preset: str | None, overrides: dict[str, Any] | None) -> DecodeSettings:
-    """The preset's settings with the caller's overrides. When the caller picks a gen_length (an
-    OpenAI client's max_tokens) but not the schedule, the preset's schedule is fitted to it so
-    that any length works: one block when the preset's block_length does not divide it, and the
-    preset's step budget (at most one step per token) rounded up to a whole number per block."""
-    explicit = dict(overrides or {})
+    """The preset's settings with the caller's overrides, the preset's schedule fitted to the
+    caller's gen_length (an OpenAI client's max_tokens; see InferConfig.resolve); a bad preset or
+    field is a 400 naming it."""
     name = preset or config.default_preset
     try:
-        base = config.preset(name)
+        config.preset(name)
     except ValueError as exc:
         raise bad_request(str(exc), "preset", "unknown_preset") from None
-    gen_length = explicit.get("gen_length", base.gen_length)
-    fitted = dict(explicit)
-    if "block_length" not in explicit and gen_length % base.block_length:
-        fitted["block_length"] = gen_length
-    block_length = fitted.get("block_length", base.block_length)
-    if "steps" not in explicit and gen_length % block_length == 0:
-        blocks = gen_length // block_length
-        fitted["steps"] = -(-min(base.steps, gen_length) // blocks) * blocks
     try:
-        return config.resolve(name, fitted)
+        return config.resolve(name, overrides)
     except ConfigError as exc:
         raise bad_request(str(exc), code="invalid_decode_settings") from None

@@ -132,6 +132,38 @@ def test_run_eval_scores_a_suite_skips_missing_data_and_resumes(
     assert (tmp_path / "rescored/results.jsonl").is_file()
 
 
+def test_each_task_decodes_its_own_gen_length_and_the_run_override_wins(
+    ray_cluster, checkpoint, eval_config, tmp_path: Path
+) -> None:
+    data = eval_config.model_dump()
+    data["tasks"]["demo_vqa_shape"]["gen_length"] = 2
+    config = EvalConfig.model_validate(data)
+    # batch_size 4: the colour rows and the shape row share a Ray Data batch, decoded per settings.
+    mixed = run_eval(config, "mini", "fast", checkpoint, tmp_path / "mixed", infer_config=INFER, batch_size=4)
+    shape, colour = mixed["tasks"]["demo_vqa_shape"], mixed["tasks"]["demo_vqa_colour"]
+    assert (colour["gen_length"], colour["steps"]) == (8, 2)
+    assert (shape["gen_length"], shape["steps"]) == (2, 2)  # the preset's 2-step budget fits 2 tokens
+    alone = run_eval(
+        eval_config, "demo_vqa_shape", "fast", checkpoint, tmp_path / "alone", infer_config=INFER,
+        overrides={"gen_length": 2},
+    )  # fmt: skip
+    assert alone["settings"]["gen_length"] == 2
+
+    def outputs(run: str, task: str) -> list[str]:
+        return [row["output"] for row in read_jsonl(tmp_path / run / task / "predictions.jsonl")]
+
+    shape_outputs = outputs("mixed", "demo_vqa_shape")
+    assert shape_outputs == outputs("alone", "demo_vqa_shape")
+    assert all(len(output.split()) <= 2 for output in shape_outputs)
+
+    forced = run_eval(
+        config, "demo_vqa_shape", "fast", checkpoint, tmp_path / "forced", infer_config=INFER,
+        overrides={"gen_length": 8},
+    )  # fmt: skip
+    assert forced["tasks"]["demo_vqa_shape"]["gen_length"] == 8
+    assert outputs("forced", "demo_vqa_shape") != shape_outputs  # the untrained model runs on at 8
+
+
 def test_a_task_asked_for_alone_fails_on_missing_data(checkpoint, eval_config, tmp_path: Path) -> None:
     with pytest.raises(
         MissingTaskData, match=r"task gqa: data file not found: .*testdev.json; set tasks.gqa.path"

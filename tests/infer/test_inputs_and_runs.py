@@ -150,6 +150,34 @@ def test_default_yaml_matches_the_schema_defaults():
     assert [InferConfig().preset(name).steps for name in ("fast", "mid", "best")] == [8, 16, 32]
 
 
+@pytest.mark.parametrize(
+    ("preset", "gen_length", "block_length", "steps"),
+    [
+        ("fast", 64, 32, 8),
+        ("fast", 16, 16, 8),
+        ("fast", 4, 4, 4),
+        ("fast", 100, 100, 8),
+        ("fast", 128, 32, 8),
+        ("best", 8, 8, 8),  # a 32-step budget on 8 tokens: one token per step
+        ("best", 48, 48, 32),
+        ("mid", 96, 32, 18),  # 16 steps rounded up to a whole number per block (3 blocks)
+    ],
+)
+def test_a_given_gen_length_fits_the_presets_schedule(preset, gen_length, block_length, steps):
+    settings = InferConfig().resolve(preset, {"gen_length": gen_length})
+    assert (settings.gen_length, settings.block_length, settings.steps) == (gen_length, block_length, steps)
+
+
+def test_explicit_schedule_fields_are_never_fitted():
+    config = InferConfig()
+    assert config.resolve("best", {"gen_length": 8, "block_length": 4}).steps == 8
+    assert config.resolve("fast", {"gen_length": 64, "steps": 16}).steps == 16
+    with pytest.raises(ConfigError, match=r"steps=32 exceeds gen_length=8"):
+        config.resolve("best", {"gen_length": 8, "steps": 32})
+    with pytest.raises(ConfigError, match=r"gen_length=48 must be a multiple of block_length=32"):
+        config.resolve("fast", {"gen_length": 48, "block_length": 32})
+
+
 def test_overrides_and_set_reach_every_field():
     config = load_config(None, InferConfig, ["presets.mid.threshold=0.75", "batch_size=3"])
     settings = config.resolve("mid", {"strategy": "llada", "temperature": 0.5, "steps": None})

@@ -41,18 +41,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LIMITS = LimitsConfig(max_tokens=64, max_image_bytes=4096)
 
 
-@pytest.mark.parametrize(
-    ("gen_length", "block_length", "steps"),
-    [(64, 32, 8), (16, 16, 8), (4, 4, 4), (100, 100, 8), (128, 32, 8)],
-)
-def test_fit_settings_fits_the_preset_schedule_to_any_length(gen_length, block_length, steps):
-    settings = fit_settings(InferConfig(), "fast", {"gen_length": gen_length})
-    assert (settings.gen_length, settings.block_length, settings.steps) == (gen_length, block_length, steps)
-
-
 def test_fit_settings_keeps_explicit_fields_and_refuses_bad_ones():
     config = InferConfig()
     assert fit_settings(config, None, {"steps": 32}).steps == 32  # default preset (mid), explicit steps
+    # An OpenAI client's max_tokens alone: the preset's schedule is fitted (InferConfig.resolve).
+    fitted = fit_settings(config, "best", {"gen_length": 8})
+    assert (fitted.block_length, fitted.steps) == (8, 8)
     with pytest.raises(RequestRejected) as bad:
         fit_settings(config, "fast", {"gen_length": 48, "block_length": 32})
     assert bad.value.error.status == 400 and "multiple of block_length" in bad.value.error.message
