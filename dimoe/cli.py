@@ -390,6 +390,9 @@ def eval_run(
     threshold: Annotated[
         float | None, typer.Option(help="Confidence to reveal a token early (threshold strategy).")
     ] = None,
+    gen_length: Annotated[
+        int | None, typer.Option(help="Response tokens for every task (default: each task's gen_length).")
+    ] = None,
     num_actors: Annotated[int, typer.Option(help="Decoding actors (one per GPU on a cluster).")] = 1,
     num_gpus: Annotated[float, typer.Option(help="GPUs per decoding actor.")] = 0.0,
     batch_size: int = 16,
@@ -404,7 +407,8 @@ def eval_run(
     cfg = load_config(config, EvalConfig, set_ or [])
     _local_ray(address)
     scores = run_eval(
-        cfg, suite, preset, checkpoint, out_dir, strategy=strategy, overrides={"threshold": threshold},
+        cfg, suite, preset, checkpoint, out_dir, strategy=strategy,
+        overrides={"threshold": threshold, "gen_length": gen_length},
         num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size, progress=True,
     )  # fmt: skip
     print_json(scores)

@@ -182,7 +182,7 @@ def test_score_file_takes_infer_outputs_and_ground_truth(eval_config, tmp_path: 
     assert summary["score"] == pytest.approx(0.5) and summary["n_gold_without_prediction"] == 1
 
 
-def test_cli_eval_run_decodes_with_the_given_threshold(
+def test_cli_eval_run_decodes_with_the_given_threshold_and_length(
     ray_cluster, checkpoint, eval_config, tmp_path: Path
 ) -> None:
     config = tmp_path / "eval.yaml"
@@ -190,8 +190,10 @@ def test_cli_eval_run_decodes_with_the_given_threshold(
     out = tmp_path / "eval"
     args = ["eval", "run", "--checkpoint", str(checkpoint), "--out-dir", str(out), "--config", str(config)]
     args += ["--suite", "demo_vqa_shape", "--preset", "fast", "--threshold", "0.55", "--batch-size", "2"]
+    args += ["--gen-length", "16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     scores = json.loads((out / "scores.json").read_text())
     assert scores["settings"]["threshold"] == 0.55 and scores["settings"]["strategy"] == "threshold"
-    assert scores["tasks"]["demo_vqa_shape"]["status"] == "done"
+    shape = scores["tasks"]["demo_vqa_shape"]
+    assert shape["status"] == "done" and (shape["gen_length"], shape["steps"]) == (16, 8)
