@@ -45,6 +45,7 @@ def small_spec(tiny_spec) -> ModelConfig:
         update={
             "image_size": 32,
             "patch_size": 8,
+            "pool_2x2": True,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 1,

@@ -27,7 +27,7 @@ class NormalizeConfig(StrictModel):
     # Split of records without a `split` field whose file name has no `_train`/`_val`/`_test` suffix.
     default_split: Split = "train"
 
-    num_image_tokens: int = Field(16, ge=1, description="copies of <image> one image expands to")
+    num_image_tokens: int = Field(4, ge=1, description="copies of <image> one image expands to")
     max_seq_len: int = Field(256, ge=8, description="longer samples are rejected (reason too_long)")
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_image_bytes: int = Field(32 * 2**20, ge=1)

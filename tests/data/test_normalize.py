@@ -48,7 +48,7 @@ def test_rows_are_tokenized_with_the_chat_template(normalized, synth_dir):
     row = next(r for r in rows if r["source"] == "stage3_vision")
     assert row["image"][:8] == b"\x89PNG\r\n\x1a\n" and (row["image_width"], row["image_height"]) == (32, 32)
     ids = row["input_ids"]
-    assert ids.count(image_id) == row["num_image_tokens"] == 16
+    assert ids.count(image_id) == row["num_image_tokens"] == 4
     assert row["seq_len"] == len(ids) == row["prompt_length"] + row["answer_length"]
     assert ids[-1] == tokenizer.eos_token_id
     answer = json.loads(row["messages"])[-1]["content"]

@@ -98,7 +98,7 @@ def test_llada_backbone_and_siglip_import(tiny_spec, tokenizer, tmp_path):
         ours = model.vision.encoder(pixel_values=pixels).last_hidden_state
         theirs = siglip(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(ours, theirs)
-    assert c.num_image_tokens == 4  # 4×4 patches pooled 2×2
+    assert c.num_image_tokens == 16  # the checkpoint's 4×4 patches; pooling is the spec's (tiny: none)
 
 
 def test_backbone_shape_mismatch_is_reported(tiny_spec, tokenizer, tmp_path):

@@ -12,13 +12,17 @@ from dimoe.model.config import hf_config_from_spec
 from dimoe.model.modeling import DiMoEVLModel
 from dimoe.model.params import count_parameters
 
-PREFIX = 24  # 16 image tokens + 8 prompt tokens
+PREFIX = 24  # a BOS, the image tokens, then prompt tokens
+
+
+def image_slots(model) -> slice:
+    return slice(1, 1 + model.config.num_image_tokens)
 
 
 def batch(model, response_seed: int = 0, length: int = 40):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 300, (2, length), generator=g)
-    ids[:, 1:17] = model.config.image_token_id
+    ids[:, image_slots(model)] = model.config.image_token_id
     ids[:, PREFIX:] = torch.randint(
         10, 300, (2, length - PREFIX), generator=torch.Generator().manual_seed(response_seed)
     )
@@ -67,7 +71,7 @@ def test_image_features_reach_image_and_text_positions(tiny_model):
     assert (a[:, PREFIX:] - b[:, PREFIX:]).abs().max() > 1e-4
     # Images for only the rows that hold image tokens are accepted, in batch order.
     only_row1 = ids.clone()
-    only_row1[0, 1:17] = 50
+    only_row1[0, image_slots(tiny_model)] = 50
     both = logits(tiny_model, only_row1, prefix_mask, pixels)
     one = logits(tiny_model, only_row1, prefix_mask, pixels[1:])
     torch.testing.assert_close(both, one)
@@ -76,7 +80,7 @@ def test_image_features_reach_image_and_text_positions(tiny_model):
 def test_wrong_image_token_count_is_a_clear_error(tiny_model):
     ids, prefix_mask, pixels = batch(tiny_model)
     ids[0, 1] = 50
-    with pytest.raises(ValueError, match="exactly 16 image tokens"):
+    with pytest.raises(ValueError, match=f"exactly {tiny_model.config.num_image_tokens} image tokens"):
         logits(tiny_model, ids, prefix_mask, pixels)
     ids2, *_ = batch(tiny_model)
     with pytest.raises(ValueError, match="neither pixel_values nor image_features"):

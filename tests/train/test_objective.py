@@ -49,11 +49,13 @@ def make_batch(tiny_model, rows, response_length=8):
 def test_collate_left_pads_and_eos_fills_the_response(tiny_model, rows):
     batch = make_batch(tiny_model, rows)
     eos = tiny_model.config.eos_token_id
-    assert batch.input_ids.shape == (3, 20 + 8)  # longest prompt + response_length
+    width = max(rows["prompt_length"])
+    assert batch.input_ids.shape == (3, width + 8)  # longest prompt + response_length
     assert batch.pixel_values.shape == (2, 3, 32, 32)  # only rows with images
     assert batch.response_mask.sum(1).tolist() == [8, 8, 8]
     assert batch.input_ids[1, -8:].tolist() == [40, 1] + [eos] * 6
-    assert not batch.attention_mask[1, :15].any() and batch.attention_mask[1, 15:].all()
+    # Row 1 (5 prompt + 8 response tokens) is left-padded to the width.
+    assert not batch.attention_mask[1, : width - 5].any() and batch.attention_mask[1, width - 5 :].all()
     assert (batch.prompt_text_mask & batch.image_mask).sum() == 0
 
 
@@ -65,12 +67,14 @@ def test_a_long_answer_does_not_pad_its_batch_mates_answers(tiny_model, rows):
     long_rows["input_ids"][0] = long_rows["input_ids"][0][: long_rows["prompt_length"][0]] + [30] * 11 + [1]
     batch = make_batch(tiny_model, long_rows, response_length=4)
     eos, pad = tiny_model.config.eos_token_id, tiny_model.config.pad_token_id
-    assert batch.input_ids.shape == (3, 20 + 12)
+    width = max(rows["prompt_length"])
+    assert batch.input_ids.shape == (3, width + 12)
     assert batch.response_mask.sum(1).tolist() == [12, 4, 4]
     # Every response starts at the same column; a short row's columns after its window are padding.
-    assert batch.input_ids[1, 20:].tolist() == [40, 1, eos, eos] + [pad] * 8
-    assert not batch.attention_mask[1, 24:].any() and batch.attention_mask[1, 15:24].all()
-    assert batch.modality[2, 24:].tolist() == [-1] * 8
+    assert batch.input_ids[1, width:].tolist() == [40, 1, eos, eos] + [pad] * 8
+    end = width + 4
+    assert not batch.attention_mask[1, end:].any() and batch.attention_mask[1, width - 5 : end].all()
+    assert batch.modality[2, end:].tolist() == [-1] * 8
 
 
 @pytest.mark.parametrize("views", ["complementary", "independent", "single"])
