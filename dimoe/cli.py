@@ -157,7 +157,7 @@ def model_info(checkpoint: Path) -> None:
 
 # -- data --------------------------------------------------------------------------------------------
 def _local_ray(address: str | None) -> None:
-    from dimoe.data.normalize import ensure_ray
+    from dimoe.io import ensure_ray
 
     ensure_ray(address)
 
@@ -264,7 +264,7 @@ def tune_run(
     """Train, evaluate (best, fast) and diagnose every variant; write results.csv / results.md."""
     from dimoe.config.loader import load_config
     from dimoe.config.tune import TuneConfig
-    from dimoe.data.normalize import ensure_ray
+    from dimoe.io import ensure_ray
     from dimoe.tune import run_grid
     from dimoe.tune.ablations import local_cluster_cpus
 

@@ -1,2 +1,2 @@
-"""Ray Serve shell of DiMoE-VL (DESIGN.md §6): deployments, gRPC stubs and the serve config.
+"""Ray Serve shell of DiMoE-VL (docs/design.md §6): deployments, gRPC stubs and the serve config.
 The logic lives in `dimoe.serving`."""

@@ -1,4 +1,4 @@
-"""Schema of `configs/infer/*.yaml`: decoding presets and batching (DESIGN.md §5).
+"""Schema of `configs/infer/*.yaml`: decoding presets and batching (docs/design.md §5).
 
 A preset fixes every decoding knob; a run picks one by name and may override any field::
 

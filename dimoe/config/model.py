@@ -1,4 +1,4 @@
-"""Schema of `configs/model/*.yaml`: the DiMoE-VL architecture (DESIGN.md §3)."""
+"""Schema of `configs/model/*.yaml`: the DiMoE-VL architecture (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Schema of `configs/serve/*.yaml`: the Ray Serve application of DESIGN.md §6.
+"""Schema of `configs/serve/*.yaml`: the Ray Serve application of docs/design.md §6.
 
     config = load_serve_config("configs/serve/default.yaml", ["batching.max_batch_size=32"],
                                checkpoint="artifacts/train/stage3_lownfe/final")

@@ -1,4 +1,4 @@
-"""Schema of `configs/train/*.yaml`: one curriculum stage (DESIGN.md §4)."""
+"""Schema of `configs/train/*.yaml`: one curriculum stage (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ from ray.data.expressions import col
 
 from dimoe.config.data import BlendConfig, BlendSpec
 from dimoe.config.loader import ConfigError
-from dimoe.data.normalize import atomic_output_dir, data_context, ensure_ray, write_json, write_parquet
+from dimoe.data.normalize import data_context, write_parquet
+from dimoe.io import atomic_output_dir, ensure_ray, write_json
 
 REPORT_FILE = "stage_blend_report.json"
 BLEND_META_FILE = "_blend.json"  # leading underscore: Parquet readers skip it

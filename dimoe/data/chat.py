@@ -18,6 +18,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from dimoe.data.tokenizer import ASSISTANT, IMAGE, ROLE_TOKENS
+from dimoe.errors import UserError
 
 Role = Literal["system", "user", "assistant"]
 
@@ -39,7 +40,7 @@ class EncodedChat:
         return len(self.input_ids) - self.prompt_length
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError):
     """A conversation that cannot be encoded (wrong roles, no response, misplaced image)."""
 
 

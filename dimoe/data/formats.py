@@ -20,6 +20,7 @@ from typing import Any
 
 from dimoe.data.chat import ChatFormatError, Message, validate_roles
 from dimoe.data.tokenizer import IMAGE
+from dimoe.errors import UserError
 
 # `from` values seen in LLaVA and ShareGPT dumps, mapped to chat roles.
 SHAREGPT_ROLES = {
@@ -33,7 +34,7 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-class RecordFormatError(ValueError):
+class RecordFormatError(UserError):
     """A raw record that cannot become a conversation; ``reason`` is a short code."""
 
     def __init__(self, reason: str, message: str) -> None:

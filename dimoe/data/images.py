@@ -20,13 +20,15 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from PIL import Image
 
+from dimoe.errors import UserError
+
 # Decoders Pillow may try; the rest of its many formats is attack surface we do not need.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = 32 * 2**20
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used; ``reason`` is a short code for reject tables and HTTP errors."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +41,8 @@ from dimoe.data.chat import ChatFormatError, encode_chat
 from dimoe.data.formats import RecordFormatError, parse_record_text
 from dimoe.data.images import ImageError, load_image_bytes
 from dimoe.data.tokenizer import load_tokenizer
+from dimoe.errors import UserError
+from dimoe.io import atomic_output_dir, ensure_ray, write_json
 
 SUMMARY_FILE = "normalize_summary.json"
 REJECTS_DIR = "rejects"
@@ -85,17 +85,11 @@ _COMBINED_SCHEMA = pa.schema(
 _SPLIT_SUFFIX = re.compile(r"[._-](train|val|test)$")
 
 
-class NormalizeError(ValueError):
+class NormalizeError(UserError):
     """Inputs that cannot be normalized as given (missing directory, unassignable file, …)."""
 
 
-# ---------------------------------------------------------------- Ray and output helpers
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to (or start) Ray unless this process already did; callers and tests own the cluster."""
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, log_to_driver=False)
+# ---------------------------------------------------------------- Ray Data helpers
 
 
 @contextmanager
@@ -116,40 +110,6 @@ def write_parquet(ds: Dataset, path: Path, rows_per_file: int) -> None:
     random write id but sort in block order, so reading the sorted files gives the dataset order."""
     path.mkdir(parents=True, exist_ok=True)
     ds.write_parquet(str(path), min_rows_per_file=rows_per_file)
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces `out_dir`.
-
-    An existing `out_dir` is only replaced when it is empty or holds `marker` (a file this
-    library writes), so a mistyped path never deletes someone's data.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
-        raise NormalizeError(
-            f"refusing to replace {out_dir}: it is not empty and has no {marker}; "
-            "choose a new output directory"
-        )
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- reading raw records

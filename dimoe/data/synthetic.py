@@ -33,8 +33,8 @@ from typing import Any, TypedDict
 
 from PIL import Image, ImageDraw
 
-from dimoe.data.normalize import atomic_output_dir
 from dimoe.data.tokenizer import IMAGE, train_tokenizer
+from dimoe.io import atomic_output_dir, write_json, write_jsonl
 
 IMAGE_SIZE = 32
 CELL = IMAGE_SIZE // 2
@@ -302,10 +302,10 @@ def synthesize(
             )
             for i, scene in enumerate(scenes)
         ]
-        _write_json(raw / "stage1_projector.json", captions)
-        _write_jsonl(raw / "stage2_llm.jsonl", text)
-        _write_json(raw / "stage3_vision.json", vqa)
-        _write_jsonl(raw / "stage4_joint.jsonl", joint)
+        write_json(raw / "stage1_projector.json", captions)
+        write_jsonl(raw / "stage2_llm.jsonl", text)
+        write_json(raw / "stage3_vision.json", vqa)
+        write_jsonl(raw / "stage4_joint.jsonl", joint)
 
         test = [s for s in scenes if s.split == "test"]
         vqa_test = [
@@ -313,8 +313,8 @@ def synthesize(
         ]
         describe_test = [_eval_row(s, QA("describe", DESCRIBE_PROMPT, describe(s))) for s in test]
         (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out_dir / "eval" / "vqa_test.jsonl", vqa_test)
-        _write_jsonl(out_dir / "eval" / "describe_test.jsonl", describe_test)
+        write_jsonl(out_dir / "eval" / "vqa_test.jsonl", vqa_test)
+        write_jsonl(out_dir / "eval" / "describe_test.jsonl", describe_test)
 
         corpus = list(_texts(captions, vqa, text)) + [m for r in joint for m in _openai_texts(r)]
         tokenizer = train_tokenizer(corpus, vocab_size, out_dir / "tokenizer")
@@ -389,11 +389,3 @@ def _openai_texts(record: dict[str, Any]) -> Iterable[str]:
         yield from (
             [p["text"] for p in content if p["type"] == "text"] if isinstance(content, list) else [content]
         )
-
-
-def _write_json(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

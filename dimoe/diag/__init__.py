@@ -1,4 +1,4 @@
-"""Diagnostics of problems A–F (DESIGN.md §4) from training logs and data manifests: JSON + PNG."""
+"""Diagnostics of problems A–F (docs/design.md §4) from training logs and data manifests: JSON + PNG."""
 
 from dimoe.diag.gradient import diag_gradient
 from dimoe.diag.routing import diag_routing

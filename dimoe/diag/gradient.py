@@ -1,4 +1,4 @@
-"""Problems E and F (DESIGN.md §4) from a run's `gradient_stats.jsonl`.
+"""Problems E and F (docs/design.md §4) from a run's `gradient_stats.jsonl`.
 
     summary = diag_gradient("artifacts/train/stage2_full", "artifacts/diag/stage2_full/gradient")
 

@@ -1,4 +1,4 @@
-"""Problems A, B and C (DESIGN.md §4) from a run's `routing_stats.jsonl`.
+"""Problems A, B and C (docs/design.md §4) from a run's `routing_stats.jsonl`.
 
     summary = diag_routing("artifacts/train/stage2_full", "artifacts/diag/stage2_full/routing",
                            compare="artifacts/train/stage0_naive")

@@ -1,4 +1,4 @@
-"""The statistics behind the A–F diagnostics (DESIGN.md §4), on plain numpy arrays.
+"""The statistics behind the A–F diagnostics (docs/design.md §4), on plain numpy arrays.
 
 Entropies and divergences are in bits (log base 2), so JS divergence and NMI lie in [0, 1].
 """

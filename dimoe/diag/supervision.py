@@ -1,4 +1,4 @@
-"""Problem D (DESIGN.md §4): samples that get no supervised token.
+"""Problem D (docs/design.md §4): samples that get no supervised token.
 
 A sample whose answer has L eligible tokens, drawn at noise level t, has each token masked with
 p(t) = (1 - eps) t + eps, so it is left without any masked token with probability (1 - p(t))^L.

@@ -1,4 +1,4 @@
-"""Decoding strategies of masked diffusion (DESIGN.md §5), written over a `logits_fn`.
+"""Decoding strategies of masked diffusion (docs/design.md §5), written over a `logits_fn`.
 
 A strategy starts from a response of G mask tokens and reveals tokens over a fixed budget of
 steps, semi-autoregressively: the response is split into G / block_length blocks decoded left to

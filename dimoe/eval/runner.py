@@ -27,7 +27,6 @@ on storage every node sees.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from dimoe.config.eval import EvalConfig, TaskData
 from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import Row, Task, get_task, read_records
+from dimoe.io import write_json
 
 SCORES_FILE = "scores.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -175,7 +175,8 @@ def _decode(
     import ray.data
     from rich.progress import Progress
 
-    from dimoe.data.normalize import data_context, ensure_ray
+    from dimoe.data.normalize import data_context
+    from dimoe.io import ensure_ray
 
     ensure_ray()
     items = [
@@ -242,14 +243,6 @@ def model_label(checkpoint: Path) -> str:
     """A short name of a checkpoint for tables: its last two path components
     (`artifacts/train/stage3_lownfe/final` → `stage3_lownfe/final`)."""
     return "/".join(checkpoint.resolve().parts[-2:])
-
-
-def _write_json(path: Path, data: Any) -> None:
-    # Write-then-rename: a reader (or a resumed run) never sees a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _identity(prepared: PreparedTask, config: EvalConfig, checkpoint: Path, settings: DecodeSettings) -> dict:
@@ -334,7 +327,7 @@ def _finish_task(
         "steps": settings.steps,
         "data": str(prepared.data_path),
     }
-    _write_json(task_dir / TASK_SUMMARY_FILE, {"task": prepared.name, "run": identity, "metrics": metrics})
+    write_json(task_dir / TASK_SUMMARY_FILE, {"task": prepared.name, "run": identity, "metrics": metrics})
     return metrics
 
 
@@ -415,7 +408,7 @@ def run_eval(
 
     def write_scores_file() -> dict[str, Any]:
         scores = {**run, "tasks": {name: entries[name] for name in names if name in entries}}
-        _write_json(out_dir / SCORES_FILE, scores)
+        write_json(out_dir / SCORES_FILE, scores)
         return scores
 
     scores = write_scores_file()

@@ -15,12 +15,13 @@ New tasks register with `@register_task("name")` on a `Task` subclass.
 from __future__ import annotations
 
 import ast
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from dimoe.errors import UserError
 from dimoe.eval import metrics
+from dimoe.io import read_json, read_jsonl
 
 IMAGE_PLACEHOLDER = "<image>"
 # The instruction LLaVA-1.5 evaluates short-answer VQA benchmarks with.
@@ -30,7 +31,7 @@ CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices dir
 Row = dict[str, Any]
 
 
-class RowError(ValueError):
+class RowError(UserError):
     """A data record that cannot become a task row; `Task.load` adds the file and record number."""
 
 
@@ -48,34 +49,10 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"eval data file not found: {path} "
                                 "(check the task's `path` in the eval config)")
     if path.suffix == ".jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if path.suffix == ".json":
-        return _records_of_json(_read_json(path), path)
+        return _records_of_json(read_json(path), path)
     raise ValueError(f"{path}: unsupported eval data format {path.suffix!r}; use .jsonl or .json")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
-                         "JSON Lines files must be named *.jsonl") from None
 
 
 def _records_of_json(data: Any, path: Path) -> list[dict[str, Any]]:

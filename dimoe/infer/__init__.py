@@ -1,4 +1,4 @@
-"""Batched generation engine, prompt/prediction files and the decoding benchmark (DESIGN.md §5)."""
+"""Batched generation engine, prompt/prediction files and the decoding benchmark (docs/design.md §5)."""
 
 from dimoe.infer.benchmark import compare_with_llada, measure, run_benchmark
 from dimoe.infer.engine import (

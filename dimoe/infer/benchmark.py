@@ -1,4 +1,4 @@
-"""Decoding benchmark: one strategy next to the `llada` baseline on the same prompts (DESIGN.md §5).
+"""Decoding benchmark: one strategy next to the `llada` baseline on the same prompts (docs/design.md §5).
 
 Reported per strategy: request latency p50/p95, throughput (generated tokens / s, tokens before
 the first EOS), tokens per forward, mean NFE, the backbone's active parameters (billions) and

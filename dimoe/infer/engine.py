@@ -4,7 +4,7 @@
     results = engine.generate([Request("q1", prompt="What colour is the square?")], preset="fast")
 
 `generate(model, batch, settings)` is the model-level entry: it wires the model into the
-model-agnostic strategies of `dimoe.diffusion.decoding` (DESIGN.md §5):
+model-agnostic strategies of `dimoe.diffusion.decoding` (docs/design.md §5):
 - images are encoded once per batch, not once per step;
 - with the `threshold` strategy and a model trained with the `prefix` mask, the prompt's keys and
   values are computed once per request (`return_prefix_cache`) and every step runs the model on
@@ -165,7 +165,7 @@ def iter_generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSetti
 
 @torch.no_grad()
 def generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSettings) -> GenerationResult:
-    """Decode `batch` with `settings` (the strategy, schedule and sampling of DESIGN.md §5)."""
+    """Decode `batch` with `settings` (the strategy, schedule and sampling of docs/design.md §5)."""
     state = final_state(iter_generate(model, batch, settings))
     return GenerationResult(state.tokens, state.nfe, state.steps_used)
 

@@ -26,11 +26,12 @@ from PIL import Image
 from dimoe.data.chat import Message
 from dimoe.data.formats import RecordFormatError, parse_openai_messages
 from dimoe.data.images import ImageError, decode_image, load_image_bytes
+from dimoe.errors import UserError
 
 PREDICTION_FIELDS = ("id", "prompt", "output", "prompt_ids", "output_ids", "nfe", "latency_s")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A prompts file or row that cannot be used; the message names the file, line and id."""
 
 

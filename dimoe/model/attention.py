@@ -1,6 +1,6 @@
 """Bidirectional multi-head attention with RoPE and per-head QK-RMSNorm, and the attention masks.
 
-Masks (DESIGN.md §3):
+Masks (docs/design.md §3):
 - `full`: every real token attends to every real token;
 - `prefix`: prefix tokens (image + prompt) attend only to prefix tokens, every other token attends
   to everything. The prefix keys/values then do not depend on the response, so a decoder can

@@ -16,10 +16,11 @@ from safetensors import safe_open
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from dimoe.config.model import ModelConfig, VisionConfig
+from dimoe.errors import UserError
 from dimoe.model.modeling import DiMoEVLModel
 
 
-class ImportErrorDetail(ValueError):
+class ImportErrorDetail(UserError):
     """A pretrained directory whose weights do not fit; the message lists what is wrong."""
 
 

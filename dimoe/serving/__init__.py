@@ -1,4 +1,4 @@
-"""Serving DiMoE-VL (DESIGN.md §6): everything behind the Ray Serve shell in `serve/`.
+"""Serving DiMoE-VL (docs/design.md §6): everything behind the Ray Serve shell in `serve/`.
 
 - `schemas`, `jobs`, `responses`: the OpenAI-compatible and native HTTP API — request validation,
   translation into decode jobs, response bodies and server-sent events;

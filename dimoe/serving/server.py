@@ -1,4 +1,4 @@
-"""Start the Ray Serve application of `serve/` (DESIGN.md §6) from Python or the CLI.
+"""Start the Ray Serve application of `serve/` (docs/design.md §6) from Python or the CLI.
 
     server = start_server_background("artifacts/train/stage3_lownfe/final", http_port=8000)
     print(server.http_url)   # http://127.0.0.1:8000 — OpenAI clients use base_url=server.http_url + "/v1"

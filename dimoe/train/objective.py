@@ -1,5 +1,5 @@
 """The training objective of one step: noise the batch into views, run the model once on all
-views, and combine the diffusion loss with the DMAR / EBCMC / CAP terms (DESIGN.md §4).
+views, and combine the diffusion loss with the DMAR / EBCMC / CAP terms (docs/design.md §4).
 
 Pure torch and model-agnostic beyond `model(...)` returning logits and router outputs, so it is
 unit-tested without Ray or DeepSpeed.

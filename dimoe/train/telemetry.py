@@ -71,7 +71,7 @@ def gradient_stats(
 class RoutingGauges:
     """Ray metrics (exported as `ray_dimoe_*`), tagged by layer and expert only (low cardinality).
 
-    `dimoe_routing_nonstationarity{stage,layer}` is problem A of DESIGN.md §4 at this log step, as
+    `dimoe_routing_nonstationarity{stage,layer}` is problem A of docs/design.md §4 at this log step, as
     `dimoe diag routing` computes it offline: the mean Jensen–Shannon divergence (bits) between each
     t-bucket's expert load and the all-bucket mean."""
 

@@ -9,6 +9,7 @@ from dimoe.config.data import STAGES, NormalizeConfig
 from dimoe.config.loader import ConfigError
 from dimoe.data.normalize import NORMALIZED_SCHEMA, REJECT_SCHEMA, NormalizeError, normalize
 from dimoe.data.tokenizer import IMAGE, load_tokenizer
+from dimoe.io import OutputDirError
 
 from .conftest import BROKEN_ARRAY, HOSTILE_LINES, MAX_SEQ_LEN, SYNTH_SIZE
 
@@ -118,7 +119,7 @@ def test_refuses_to_replace_a_foreign_directory(ray_cluster, raw_dir, synth_dir,
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
-    with pytest.raises(NormalizeError, match="refusing to replace"):
+    with pytest.raises(OutputDirError, match="refusing to replace"):
         normalize(raw_dir, precious, synth_dir / "tokenizer")
     assert (precious / "thesis.tex").read_text() == "do not delete"
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]  # no temporary directory left behind
