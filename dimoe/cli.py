@@ -1,7 +1,9 @@
 """`dimoe …` — the command line. Thin: parse arguments, load config, call one library function.
 
-User mistakes (bad path, bad config key, malformed record) end in one red line naming the problem,
-not a traceback; `DIMOE_DEBUG=1` shows the traceback.
+User mistakes (`dimoe.errors.UserError`: bad config key, malformed record, unusable option; or a
+missing path) end in one red line naming the problem, not a traceback; `DIMOE_DEBUG=1` shows the
+traceback. The `ray_jobs/*.py` scripts run these same commands through `run_command`, so a Ray job
+accepts exactly the flags and prints exactly the help of `dimoe …`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+
+from dimoe import __version__
+from dimoe.errors import UserError
 
 console = Console(stderr=True)
 app = typer.Typer(help="DiMoE-VL: masked-diffusion vision-language MoE on Ray.", no_args_is_help=True)
@@ -43,7 +48,12 @@ app.add_typer(tune_app, name="tune")
 
 F = TypeVar("F", bound=Callable[..., Any])
 SetOption = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=1e-4 (repeatable)."),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address (default: RAY_ADDRESS when set, else a local cluster)."),
 ]
 
 
@@ -54,13 +64,11 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError) as exc:
+        except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             if os.environ.get("DIMOE_DEBUG"):
                 raise
-            message = (exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)).strip()
-            console.print(
-                "error: " + (message or type(exc).__name__), style="bold red", highlight=False, markup=False
-            )
+            message = str(exc).strip() or type(exc).__name__
+            console.print("error: " + message, style="bold red", highlight=False, markup=False)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -68,6 +76,37 @@ def user_errors(fn: F) -> F:
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dimoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """DiMoE-VL: masked-diffusion vision-language MoE on Ray."""
+
+
+def command(*path: str) -> Any:
+    """The click command behind `dimoe <path…>` (e.g. `command("train", "run")`)."""
+    import typer.main
+
+    node = typer.main.get_command(app)
+    for name in path:
+        node = node.commands[name]  # type: ignore[attr-defined]
+    return node
+
+
+def run_command(*path: str) -> None:
+    """Run `dimoe <path…>` as a program of its own, arguments from sys.argv (the `ray_jobs/` scripts)."""
+    command(*path).main(prog_name="dimoe " + " ".join(path))
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -156,7 +195,7 @@ def model_info(checkpoint: Path) -> None:
 
 
 # -- data --------------------------------------------------------------------------------------------
-def _local_ray(address: str | None) -> None:
+def _connect_ray(address: str | None) -> None:
     from dimoe.io import ensure_ray
 
     ensure_ray(address)
@@ -186,7 +225,7 @@ def data_normalize(
     datasets_root: Annotated[Path | None, typer.Option(help="Root that image paths resolve under.")] = None,
     config: Annotated[Path | None, typer.Option(help="configs/data/normalize.yaml-style config.")] = None,
     set_: SetOption = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Parse, validate, tokenize and write Parquet per source stage; rejects kept with reasons."""
     from dimoe.config.data import NormalizeConfig
@@ -194,7 +233,7 @@ def data_normalize(
     from dimoe.data.normalize import normalize
 
     cfg = load_config(config, NormalizeConfig, set_ or [])
-    _local_ray(address)
+    _connect_ray(address)
     summary = normalize(in_, out, tokenizer, datasets_root, cfg)
     print_json(summary["totals"])
 
@@ -204,7 +243,7 @@ def data_normalize(
 def data_build_blends(
     config: Annotated[Path, typer.Option(help="Blend config.")] = Path("configs/data/stage_blends.yaml"),
     set_: SetOption = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Weighted, seeded mixtures of the source stages for each curriculum stage."""
     from dimoe.config.data import BlendConfig
@@ -212,7 +251,7 @@ def data_build_blends(
     from dimoe.data.blend import build_stage_blends
 
     cfg = load_config(config, BlendConfig, set_ or [])
-    _local_ray(address)
+    _connect_ray(address)
     print_json(build_stage_blends(cfg))
 
 
@@ -222,13 +261,21 @@ def data_build_blends(
 def train_run(
     config: Annotated[Path, typer.Option(help="Stage config, e.g. configs/train/tiny/stage2_full.yaml.")],
     set_: SetOption = None,
+    stage: Annotated[
+        str | None, typer.Option(help="Expected stage name: refuse a config of another stage.")
+    ] = None,
+    address: AddressOption = None,
 ) -> None:
     """Train one stage (re-running the same command resumes from its latest checkpoint)."""
     from dimoe.config.loader import load_config
     from dimoe.config.train import TrainConfig
     from dimoe.train.launcher import run_stage
 
-    result = run_stage(load_config(config, TrainConfig, set_ or []))
+    cfg = load_config(config, TrainConfig, set_ or [])
+    if stage is not None and cfg.stage != stage:
+        raise UserError(f"--stage {stage} does not match the stage of {config}: {cfg.stage!r}")
+    _connect_ray(address)
+    result = run_stage(cfg)
     print_json({"stage": result.stage, "final": str(result.final_dir), "logs": str(result.log_dir)})
 
 
@@ -240,13 +287,14 @@ def train_all(
     ),
     set_: SetOption = None,
     stages: Annotated[str | None, typer.Option(help="Comma-separated subset of stages to run.")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Chain stage0 → stage1 → stage2 → stage3, each from the previous final checkpoint."""
     from dimoe.train.launcher import load_curriculum, run_curriculum
 
-    results = run_curriculum(
-        load_curriculum(config_dir, set_ or []), stages=stages.split(",") if stages else None
-    )
+    configs = load_curriculum(config_dir, set_ or [])
+    _connect_ray(address)
+    results = run_curriculum(configs, stages=stages.split(",") if stages else None)
     print_json([{"stage": r.stage, "final": str(r.final_dir)} for r in results])
 
 
@@ -259,7 +307,7 @@ def tune_run(
         str | None, typer.Option(help="Comma-separated variants or groups (default: the config's `run`).")
     ] = None,
     restart: Annotated[bool, typer.Option(help="Start the grid over instead of resuming it.")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray address (default: a local cluster).")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Train, evaluate (best, fast) and diagnose every variant; write results.csv / results.md."""
     from dimoe.config.loader import load_config
@@ -348,7 +396,7 @@ def infer_benchmark(
         print_json(report)
         return
     if checkpoint is None or dataset_jsonl is None:
-        raise ValueError("give --checkpoint and --dataset-jsonl (offline benchmark) or --serve-url (server)")
+        raise UserError("give --checkpoint and --dataset-jsonl (offline benchmark) or --serve-url (server)")
     from dimoe.infer.benchmark import run_benchmark
 
     print_json(
@@ -393,22 +441,27 @@ def eval_run(
     gen_length: Annotated[
         int | None, typer.Option(help="Response tokens for every task (default: each task's gen_length).")
     ] = None,
+    infer_config: Annotated[
+        Path | None, typer.Option(help="Decoding presets (default: configs/infer/default.yaml's).")
+    ] = None,
     num_actors: Annotated[int, typer.Option(help="Decoding actors (one per GPU on a cluster).")] = 1,
     num_gpus: Annotated[float, typer.Option(help="GPUs per decoding actor.")] = 0.0,
     batch_size: int = 16,
     set_: SetOption = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Run every task of a suite with the batched decoder, distributed over Ray; resumable."""
     from dimoe.config.eval import EvalConfig
+    from dimoe.config.infer import InferConfig
     from dimoe.config.loader import load_config
     from dimoe.eval.runner import run_eval
 
     cfg = load_config(config, EvalConfig, set_ or [])
-    _local_ray(address)
+    presets = load_config(infer_config, InferConfig) if infer_config is not None else None
+    _connect_ray(address)
     scores = run_eval(
         cfg, suite, preset, checkpoint, out_dir, strategy=strategy,
-        overrides={"threshold": threshold, "gen_length": gen_length},
+        overrides={"threshold": threshold, "gen_length": gen_length}, infer_config=presets,
         num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size, progress=True,
     )  # fmt: skip
     print_json(scores)

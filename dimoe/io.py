@@ -70,6 +70,7 @@ def write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write one JSON object per line (UTF-8), replacing the file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

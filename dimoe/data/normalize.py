@@ -301,22 +301,7 @@ def normalize(
     num_blocks = math.ceil(len(raw_rows) / config.rows_per_block)
     num_actors = min(num_blocks, config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1))))
     with data_context(config.progress), atomic_output_dir(out_dir, SUMMARY_FILE) as tmp:
-        processed = (
-            ray.data.from_items(raw_rows, override_num_blocks=num_blocks)
-            .map_batches(
-                RecordNormalizer,
-                fn_constructor_kwargs={
-                    "tokenizer_dir": str(tokenizer_dir),
-                    "datasets_root": str(root),
-                    "config": config,
-                },
-                compute=ActorPoolStrategy(size=num_actors),
-                batch_size=config.batch_size,
-                batch_format="pyarrow",
-                num_cpus=1,
-            )
-            .materialize()
-        )
+        processed = _process(raw_rows, num_blocks, num_actors, str(tokenizer_dir), str(root), config)
         del raw_rows  # processed; free the driver's copy before the writes
         timings["process"] = lap()  # includes starting the actors (imports, tokenizer load)
         # Built-in expressions, not Python UDFs: the write tasks then need no import of this package.
@@ -342,6 +327,30 @@ def normalize(
         )
         write_json(tmp / SUMMARY_FILE, summary)
     return summary
+
+
+def _process(
+    raw_rows: list[dict[str, Any]], num_blocks: int, num_actors: int, tokenizer_dir: str, datasets_root: str,
+    config: NormalizeConfig,
+) -> Dataset:  # fmt: skip
+    """Parse → validate → image → tokenize every raw record in a pool of `RecordNormalizer` actors
+    (each loads the tokenizer once), materialized so the per-stage writes do not run them again."""
+    return (
+        ray.data.from_items(raw_rows, override_num_blocks=num_blocks)
+        .map_batches(
+            RecordNormalizer,
+            fn_constructor_kwargs={
+                "tokenizer_dir": tokenizer_dir,
+                "datasets_root": datasets_root,
+                "config": config,
+            },
+            compute=ActorPoolStrategy(size=num_actors),
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            num_cpus=1,
+        )
+        .materialize()
+    )
 
 
 def _summarize(processed: Dataset, read_counts: Counter, files: list[InputFile]) -> dict[str, Any]:

@@ -23,7 +23,6 @@ Each record carries its `split`; scenes (and so images) are never shared between
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Iterable
@@ -271,6 +270,47 @@ def _pick_qa(rng: random.Random, scene: Scene, question_type: str | None = None)
 # ---------------------------------------------------------------- the whole demo set
 
 
+# Raw file of each source stage, in formats the normalizer reads (LLaVA JSON, ShareGPT/OpenAI JSONL).
+RAW_FILES = {
+    "stage1_projector": "stage1_projector.json",
+    "stage2_llm": "stage2_llm.jsonl",
+    "stage3_vision": "stage3_vision.json",
+    "stage4_joint": "stage4_joint.jsonl",
+}
+
+
+def _training_records(rng: random.Random, scenes: list[Scene]) -> dict[str, list[dict[str, Any]]]:
+    """The raw records of each source stage (the draws from `rng` happen in a fixed order, so the
+    data set is a function of the seed)."""
+    captions = [llava_record(f"cap_{s.id}", s, rng.choice(CAPTION_PROMPTS), caption(s)) for s in scenes]
+    vqa = []
+    for s in scenes:  # one question of every type the scene answers
+        for question_type in [t for t, c in vqa_candidates(s).items() if c]:
+            qa = _pick_qa(rng, s, question_type)
+            vqa.append(llava_record(f"vqa_{s.id}_{question_type}", s, qa.question, qa.answer))
+    joint = [openai_record(f"joint_{s.id}", s, joint_turns(rng, s)) for s in scenes]
+    text = [
+        sharegpt_record(
+            f"text_{i:05d}",
+            scene.split,  # borrow the scene split sequence so text rows follow the same 90/5/5 split
+            [text_task(rng) for _ in range(rng.choice((1, 1, 1, 2)))],
+            SYSTEM_PROMPT if rng.random() < 0.3 else None,
+        )
+        for i, scene in enumerate(scenes)
+    ]
+    return {"stage1_projector": captions, "stage2_llm": text, "stage3_vision": vqa, "stage4_joint": joint}
+
+
+def _eval_records(rng: random.Random, scenes: list[Scene]) -> dict[str, list[dict[str, Any]]]:
+    """The test split's VQA questions (one per answerable type) and describe prompts."""
+    test = [s for s in scenes if s.split == "test"]
+    vqa_test = [
+        _eval_row(s, _pick_qa(rng, s, t)) for s in test for t in QUESTION_TYPES if vqa_candidates(s)[t]
+    ]
+    describe_test = [_eval_row(s, QA("describe", DESCRIBE_PROMPT, describe(s))) for s in test]
+    return {"vqa_test": vqa_test, "describe_test": describe_test}
+
+
 def synthesize(
     out_dir: str | Path, seed: int = 0, size: int = 2000, vocab_size: int = DEFAULT_VOCAB_SIZE
 ) -> SynthSummary:
@@ -285,61 +325,29 @@ def synthesize(
             (raw / "images" / split).mkdir(parents=True, exist_ok=True)
         for scene in scenes:
             render(scene).save(raw / scene.image_path, format="PNG")
-
-        captions = [llava_record(f"cap_{s.id}", s, rng.choice(CAPTION_PROMPTS), caption(s)) for s in scenes]
-        vqa = []
-        for s in scenes:  # one question of every type the scene answers
-            for question_type in [t for t, c in vqa_candidates(s).items() if c]:
-                qa = _pick_qa(rng, s, question_type)
-                vqa.append(llava_record(f"vqa_{s.id}_{question_type}", s, qa.question, qa.answer))
-        joint = [openai_record(f"joint_{s.id}", s, joint_turns(rng, s)) for s in scenes]
-        text = [
-            sharegpt_record(
-                f"text_{i:05d}",
-                scene.split,  # borrow the scene split sequence so text rows follow the same 90/5/5 split
-                [text_task(rng) for _ in range(rng.choice((1, 1, 1, 2)))],
-                SYSTEM_PROMPT if rng.random() < 0.3 else None,
-            )
-            for i, scene in enumerate(scenes)
-        ]
-        write_json(raw / "stage1_projector.json", captions)
-        write_jsonl(raw / "stage2_llm.jsonl", text)
-        write_json(raw / "stage3_vision.json", vqa)
-        write_jsonl(raw / "stage4_joint.jsonl", joint)
-
-        test = [s for s in scenes if s.split == "test"]
-        vqa_test = [
-            _eval_row(s, _pick_qa(rng, s, t)) for s in test for t in QUESTION_TYPES if vqa_candidates(s)[t]
-        ]
-        describe_test = [_eval_row(s, QA("describe", DESCRIBE_PROMPT, describe(s))) for s in test]
-        (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-        write_jsonl(out_dir / "eval" / "vqa_test.jsonl", vqa_test)
-        write_jsonl(out_dir / "eval" / "describe_test.jsonl", describe_test)
-
-        corpus = list(_texts(captions, vqa, text)) + [m for r in joint for m in _openai_texts(r)]
+        records = _training_records(rng, scenes)
+        for stage, name in RAW_FILES.items():
+            (write_jsonl if name.endswith(".jsonl") else write_json)(raw / name, records[stage])
+        evals = _eval_records(rng, scenes)
+        for name, rows in evals.items():
+            write_jsonl(out_dir / "eval" / f"{name}.jsonl", rows)
+        joint = records["stage4_joint"]
+        corpus = list(_texts(records["stage1_projector"], records["stage3_vision"], records["stage2_llm"]))
+        corpus += [m for r in joint for m in _openai_texts(r)]
         tokenizer = train_tokenizer(corpus, vocab_size, out_dir / "tokenizer")
-
         summary: SynthSummary = {
             "out_dir": str(final_dir),
             "seed": seed,
             "size": size,
             "scenes_by_split": dict(Counter(s.split for s in scenes)),
-            "records": {
-                name: dict(Counter(r["split"] for r in records))
-                for name, records in (
-                    ("stage1_projector", captions),
-                    ("stage2_llm", text),
-                    ("stage3_vision", vqa),
-                    ("stage4_joint", joint),
-                )
-            },
-            "eval": {"vqa_test": len(vqa_test), "describe_test": len(describe_test)},
+            "records": {stage: dict(Counter(r["split"] for r in rows)) for stage, rows in records.items()},
+            "eval": {name: len(rows) for name, rows in evals.items()},
             "baselines": majority_baselines(
-                [s for s in scenes if s.split == "train"], vqa_test + describe_test
+                [s for s in scenes if s.split == "train"], evals["vqa_test"] + evals["describe_test"]
             ),
             "tokenizer": {"dir": str(final_dir / "tokenizer"), "vocab_size": len(tokenizer)},
         }
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
 

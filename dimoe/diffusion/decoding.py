@@ -97,6 +97,24 @@ def top_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k.unsqueeze(1)
 
 
+def guided_logits(
+    logits_fn: LogitsFn,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    prompt_index: torch.Tensor,
+    mask_id: int,
+    cfg_scale: float,
+) -> torch.Tensor:
+    """Logits of `x`; with cfg_scale > 0, classifier-free guidance as in LLaDA (Nie et al. 2025):
+    the unconditional pass masks every prompt token, and the two are combined as
+    un + (cfg + 1)(cond − un). Both passes run as one batch."""
+    if cfg_scale <= 0:
+        return logits_fn(x, rows)
+    unconditional = x.masked_fill(prompt_index, mask_id)
+    conditional, unconditional = logits_fn(torch.cat([x, unconditional]), torch.cat([rows, rows])).chunk(2)
+    return unconditional + (cfg_scale + 1) * (conditional - unconditional)
+
+
 @torch.no_grad()
 def llada_decode(
     logits_fn: LogitsFn,
@@ -139,13 +157,7 @@ def llada_decode(
         schedule = num_transfer_tokens(block_masked.sum(dim=1), steps_per_block)
         for step in range(steps_per_block):
             mask_index = x == mask_id
-            if cfg_scale > 0:
-                unconditional = x.masked_fill(prompt_index, mask_id)
-                both = logits_fn(torch.cat([x, unconditional]), torch.cat([rows, rows]))
-                conditional_logits, unconditional_logits = both.chunk(2)
-                logits = unconditional_logits + (cfg_scale + 1) * (conditional_logits - unconditional_logits)
-            else:
-                logits = logits_fn(x, rows)
+            logits = guided_logits(logits_fn, x, rows, prompt_index, mask_id, cfg_scale)
             if remasking == "low_confidence":
                 x0, score = predict(logits, temperature, generator)
             else:

@@ -37,6 +37,7 @@ import numpy as np
 
 from dimoe.config.eval import EvalConfig, TaskData
 from dimoe.config.infer import DecodeSettings, InferConfig
+from dimoe.errors import UserError
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import Row, Task, get_task, read_records
 from dimoe.io import write_json
@@ -343,6 +344,45 @@ def _task_settings(
 # ----------------------------------------------------------------------------------------------- public
 
 
+@dataclass
+class _EvalPlan:
+    """Which tasks of a suite decode now, which are reused from `out_dir` and which are skipped."""
+
+    entries: dict[str, dict[str, Any]]  # finished (reused or skipped) tasks' scores.json entries
+    pending: list[PreparedTask]
+    identities: dict[str, dict[str, Any]]
+    settings: dict[str, DecodeSettings]
+    reused: list[str]
+
+
+def _plan_tasks(
+    config: EvalConfig, suite: str, decoding: tuple[InferConfig, str, dict[str, Any]], checkpoint: Path,
+    out_dir: Path,
+) -> _EvalPlan:  # fmt: skip
+    """Prepare each task of the suite; a task whose data is missing is skipped (an error in a strict
+    suite), a task whose results in `out_dir` match its identity is reused."""
+    infer_config, preset, run_overrides = decoding
+    names, strict = suite_tasks(config, suite)
+    plan = _EvalPlan({}, [], {}, {}, [])
+    for name in names:
+        try:
+            prepared = prepare_task(config, name)
+        except MissingTaskData as exc:
+            if strict:
+                raise
+            plan.entries[name] = {"status": "skipped", "reason": str(exc)}
+            continue
+        plan.settings[name] = _task_settings(infer_config, preset, config.tasks[name], run_overrides)
+        plan.identities[name] = _identity(prepared, config, checkpoint, plan.settings[name])
+        stored = _reusable(out_dir / name, plan.identities[name])
+        if stored is not None:
+            plan.entries[name] = stored
+            plan.reused.append(name)
+        else:
+            plan.pending.append(prepared)
+    return plan
+
+
 def run_eval(
     config: EvalConfig,
     suite: str,
@@ -367,67 +407,41 @@ def run_eval(
     in `out_dir` are reused; `progress` shows a progress bar over examples (for the CLI). Returns the
     content of scores.json plus `out_dir` and the task names `evaluated`, `reused` and `skipped`."""
     if num_actors < 1 or batch_size < 1:
-        raise ValueError(f"num_actors and batch_size must be >= 1, got {num_actors} and {batch_size}")
-    names, strict = suite_tasks(config, suite)
+        raise UserError(f"num_actors and batch_size must be >= 1, got {num_actors} and {batch_size}")
     infer_config = infer_config or InferConfig()
     run_overrides = {**(overrides or {}), "strategy": strategy}
     settings = infer_config.resolve(preset, run_overrides)
-    checkpoint = Path(checkpoint)
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     active_b = active_params_b(checkpoint)
-    out_dir = Path(out_dir)
-    entries: dict[str, dict[str, Any]] = {}
-    pending: list[PreparedTask] = []
-    identities: dict[str, dict[str, Any]] = {}
-    task_settings: dict[str, DecodeSettings] = {}
-    reused: list[str] = []
-    for name in names:
-        try:
-            prepared = prepare_task(config, name)
-        except MissingTaskData as exc:
-            if strict:
-                raise
-            entries[name] = {"status": "skipped", "reason": str(exc)}
-            continue
-        task_settings[name] = _task_settings(infer_config, preset, config.tasks[name], run_overrides)
-        identities[name] = _identity(prepared, config, checkpoint, task_settings[name])
-        stored = _reusable(out_dir / name, identities[name])
-        if stored is not None:
-            entries[name] = stored
-            reused.append(name)
-        else:
-            pending.append(prepared)
+    plan = _plan_tasks(config, suite, (infer_config, preset, run_overrides), checkpoint, out_dir)
+    names = suite_tasks(config, suite)[0]
     run = {
-        "suite": suite,
-        "model": model_label(checkpoint),
-        "checkpoint": str(checkpoint),
-        "preset": preset,
-        "strategy": settings.strategy,
-        "settings": settings.model_dump(),
-        "active_params_b": active_b,
-    }
+        "suite": suite, "model": model_label(checkpoint), "checkpoint": str(checkpoint), "preset": preset,
+        "strategy": settings.strategy, "settings": settings.model_dump(), "active_params_b": active_b,
+    }  # fmt: skip
 
     def write_scores_file() -> dict[str, Any]:
-        scores = {**run, "tasks": {name: entries[name] for name in names if name in entries}}
+        scores = {**run, "tasks": {name: plan.entries[name] for name in names if name in plan.entries}}
         write_json(out_dir / SCORES_FILE, scores)
         return scores
 
     scores = write_scores_file()
-    if pending:
-        for prepared, outputs in _decode(
-            pending, str(checkpoint), task_settings, num_actors, batch_size, num_gpus, progress
-        ):
+    if plan.pending:
+        decoded = _decode(
+            plan.pending, str(checkpoint), plan.settings, num_actors, batch_size, num_gpus, progress
+        )
+        for prepared, outputs in decoded:
             name = prepared.name
-            entries[name] = _finish_task(
-                prepared, outputs, out_dir, identities[name], task_settings[name], preset, active_b
+            plan.entries[name] = _finish_task(
+                prepared, outputs, out_dir, plan.identities[name], plan.settings[name], preset, active_b
             )
             scores = write_scores_file()
-    skipped = [name for name in names if entries[name]["status"] == "skipped"]
     return {
         **scores,
         "out_dir": str(out_dir),
-        "evaluated": [prepared.name for prepared in pending],
-        "reused": reused,
-        "skipped": skipped,
+        "evaluated": [prepared.name for prepared in plan.pending],
+        "reused": plan.reused,
+        "skipped": [name for name in names if plan.entries[name]["status"] == "skipped"],
     }
 
 
