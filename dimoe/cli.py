@@ -49,7 +49,7 @@ app.add_typer(tune_app, name="tune")
 F = TypeVar("F", bound=Callable[..., Any])
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=1e-4 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. lr=1e-4 (repeatable)."),
 ]
 AddressOption = Annotated[
     str | None,

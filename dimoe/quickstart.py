@@ -65,13 +65,15 @@ def _synth(ctx: QuickstartContext) -> dict[str, Any]:
 
 
 def _normalize_and_blend(ctx: QuickstartContext) -> dict[str, Any]:
-    from dimoe.config.data import BlendConfig
+    from dimoe.config.data import BlendConfig, NormalizeConfig
     from dimoe.config.loader import load_config
     from dimoe.data.blend import build_stage_blends
     from dimoe.data.normalize import normalize
 
-    summary = normalize(ctx.demo_dir / "raw", ctx.data_dir, ctx.tokenizer_dir)
-    overrides = [f"data_dir={ctx.data_dir}"]
+    # Ray Data's own progress output off: the step heading and its JSON result say what happened.
+    quiet = NormalizeConfig(progress=False)
+    summary = normalize(ctx.demo_dir / "raw", ctx.data_dir, ctx.tokenizer_dir, config=quiet)
+    overrides = [f"data_dir={ctx.data_dir}", "progress=false"]
     if ctx.fast:
         overrides += [f"blends.{b}.size={n}" for b, n in BLEND_SIZES_FAST.items()]
     report = build_stage_blends(load_config("configs/data/stage_blends.yaml", BlendConfig, overrides))

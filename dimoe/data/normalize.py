@@ -20,6 +20,7 @@ written per stage, so the actors run only once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -94,15 +95,22 @@ class NormalizeError(UserError):
 
 @contextmanager
 def data_context(progress: bool) -> Iterator[DataContext]:
-    """Ordered execution (reproducible row order) and optional progress bars for the datasets
-    created inside the block; the previous global settings are restored afterwards."""
+    """Ordered execution (reproducible row order) for the datasets created inside the block, and
+    Ray Data's progress reporting only when `progress` is on: off, its bars and its INFO lines
+    (execution plans, periodic progress logged when stdout is not a terminal) are silenced, so a
+    caller that shows its own progress is not interleaved with them. Warnings still show. The
+    previous global settings are restored afterwards."""
     ctx = DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.execution_options.preserve_order
+    logger = logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, ctx.execution_options.preserve_order, logger.level
     ctx.enable_progress_bars, ctx.execution_options.preserve_order = progress, True
+    if not progress:
+        logger.setLevel(logging.WARNING)
     try:
         yield ctx
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, level = saved
+        logger.setLevel(level)
 
 
 def write_parquet(ds: Dataset, path: Path, rows_per_file: int) -> None:

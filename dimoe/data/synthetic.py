@@ -33,6 +33,7 @@ from typing import Any, TypedDict
 from PIL import Image, ImageDraw
 
 from dimoe.data.tokenizer import IMAGE, train_tokenizer
+from dimoe.errors import UserError
 from dimoe.io import atomic_output_dir, write_json, write_jsonl
 
 IMAGE_SIZE = 32
@@ -110,7 +111,7 @@ class QA:
 def sample_scenes(rng: random.Random, size: int) -> list[Scene]:
     """`size` distinct scenes split train/val/test; duplicates are redrawn so no image repeats."""
     if size < len(SPLIT_FRACTIONS):
-        raise ValueError(
+        raise UserError(
             f"size={size} is too small: need at least one scene per split ({len(SPLIT_FRACTIONS)})"
         )
     counts = {s: max(1, round(f * size)) for s, f in SPLIT_FRACTIONS.items() if s != "train"}

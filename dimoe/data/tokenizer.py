@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dimoe.errors import UserError
+
 PAD, EOS, MASK, IMAGE = "<|pad|>", "<|eos|>", "<|mask|>", "<image>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -23,7 +25,7 @@ SPECIAL_TOKENS = [PAD, EOS, MASK, IMAGE, SYSTEM, USER, ASSISTANT]
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and save it (HF format) to `out_dir`."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(
+        raise UserError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
             f"{len(SPECIAL_TOKENS) + 256} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
@@ -77,7 +79,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if IMAGE not in tokenizer.get_vocab():
         missing.append(f"the image token {IMAGE!r}")
     if missing:
-        raise ValueError(f"tokenizer at {path} lacks {', '.join(missing)}; add them as special tokens")
+        raise UserError(f"tokenizer at {path} lacks {', '.join(missing)}; add them as special tokens")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

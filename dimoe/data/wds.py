@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dimoe.data.normalize import NormalizeError
+from dimoe.errors import UserError
 
 _EXTENSIONS = {"JPEG": "jpg"}  # otherwise the lower-case Pillow format name
 
@@ -33,7 +34,7 @@ def export_webdataset(
     if not files:
         raise NormalizeError(f"no Parquet files in {blend_dir}; build the blend first")
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+        raise UserError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = _iter_rows(files)
     shards: list[str] = []

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dimoe.errors import UserError
 from dimoe.eval.summarize import (
     PRESET_ORDER,
     EvalRun,
@@ -242,7 +243,7 @@ def read_ablation(path: str | Path) -> tuple[list[str], list[AblationColumn], li
         records = list(reader)
     variant_column = _find_column(fieldnames, "variant")
     if variant_column is None:
-        raise ValueError(
+        raise UserError(
             f"{path}: needs a `variant` column (or `config/variant`); found: {', '.join(fieldnames)}"
         )
     present = [(column, _find_column(fieldnames, column.key)) for column in ABLATION_COLUMNS]

@@ -69,7 +69,7 @@ def suite_tasks(config: EvalConfig, suite: str) -> tuple[list[str], bool]:
         return list(config.suites[suite]), False
     if suite in config.tasks:
         return [suite], True
-    raise ValueError(
+    raise UserError(
         f"unknown suite or task {suite!r}; suites: {', '.join(config.suites) or 'none'}; "
         f"tasks: {', '.join(config.tasks) or 'none'}"
     )
@@ -266,7 +266,7 @@ def _reusable(task_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None
     stored = json.loads(summary_path.read_text(encoding="utf-8"))
     differing = [key for key in identity if stored.get("run", {}).get(key) != identity[key]]
     if differing:
-        raise ValueError(
+        raise UserError(
             f"{task_dir} holds results of a different run (differs in: {', '.join(differing)}); "
             "use a new --out-dir or delete that folder"
         )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dimoe.errors import UserError
 from dimoe.eval.tasks import Row, Task, get_task
 
 # How many problems one error message lists before summarising the rest as a count.
@@ -46,7 +47,7 @@ def _merge(task: Task, pred_rows: Sequence[Row], gt_rows: Sequence[Row] | None) 
         if row is not None:
             merged.append(row)
     if problems:
-        raise ValueError(_problem_message(task.name, problems))
+        raise UserError(_problem_message(task.name, problems))
     return merged
 
 
@@ -77,9 +78,9 @@ def _index_by_id(gt_rows: Sequence[Row]) -> dict[str, Row]:
     by_id: dict[str, Row] = {}
     for position, row in enumerate(gt_rows):
         if row.get("id") is None:
-            raise ValueError(f"ground-truth row {position + 1} has no 'id'; load it with Task.load")
+            raise UserError(f"ground-truth row {position + 1} has no 'id'; load it with Task.load")
         if str(row["id"]) in by_id:
-            raise ValueError(f"ground-truth id {row['id']!r} appears more than once; ids must be unique")
+            raise UserError(f"ground-truth id {row['id']!r} appears more than once; ids must be unique")
         by_id[str(row["id"])] = {key: value for key, value in row.items() if key != "prediction"}
     return by_id
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dimoe.errors import UserError
 from dimoe.eval.runner import SCORES_FILE
 
 # Presets in order of increasing decoding budget; other preset names follow alphabetically.
@@ -62,7 +63,7 @@ def find_eval_dirs(eval_dirs: Sequence[str | Path] | str | Path) -> list[Path]:
     run below a given folder that is their parent."""
     paths = [Path(eval_dirs)] if isinstance(eval_dirs, str | Path) else [Path(p) for p in eval_dirs]
     if not paths:
-        raise ValueError("no eval directories given")
+        raise UserError("no eval directories given")
     dirs: list[Path] = []
     missing = []
     for path in paths:
@@ -97,7 +98,7 @@ def load_runs(eval_dirs: Sequence[str | Path] | str | Path) -> list[EvalRun]:
                 )
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a scores.json written by `dimoe eval run` ({exc!r})") from None
+            raise UserError(f"{path}: not a scores.json written by `dimoe eval run` ({exc!r})") from None
     return sorted(runs, key=EvalRun.sort_key)
 
 

@@ -52,7 +52,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         return read_jsonl(path)
     if path.suffix == ".json":
         return _records_of_json(read_json(path), path)
-    raise ValueError(f"{path}: unsupported eval data format {path.suffix!r}; use .jsonl or .json")
+    raise UserError(f"{path}: unsupported eval data format {path.suffix!r}; use .jsonl or .json")
 
 
 def _records_of_json(data: Any, path: Path) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def _records_of_json(data: Any, path: Path) -> list[dict[str, Any]]:
     elif isinstance(data, dict) and data and all(isinstance(value, dict) for value in data.values()):
         data = [{"id": key, **value} for key, value in data.items()]
     if not isinstance(data, list) or not all(isinstance(record, dict) for record in data):
-        raise ValueError(f"{path}: expected a list of objects, a {{\"data\": [...]}} wrapper or an "
+        raise UserError(f"{path}: expected a list of objects, a {{\"data\": [...]}} wrapper or an "
                          "{id: object} mapping")
     return data
 
@@ -146,7 +146,7 @@ class Task:
         try:
             return self.parse_row(record, index, root)
         except RowError as error:
-            raise ValueError(f"{path}: record {index + 1} (id {_record_id(record, index)!r}) is not a valid "
+            raise UserError(f"{path}: record {index + 1} (id {_record_id(record, index)!r}) is not a valid "
                              f"{self.name} row: {error}") from None
 
     def default_image_root(self, path: Path) -> Path:
@@ -195,7 +195,7 @@ def _check_unique_ids(rows: list[Row], path: Path) -> None:
     seen: set[str] = set()
     for row in rows:
         if row["id"] in seen:
-            raise ValueError(f"{path}: id {row['id']!r} appears more than once; ids must be unique")
+            raise UserError(f"{path}: id {row['id']!r} appears more than once; ids must be unique")
         seen.add(row["id"])
 
 
@@ -217,7 +217,7 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 def get_task(name: str) -> Task:
     """A fresh instance of the task registered as `name`."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown eval task {name!r}; known tasks: {', '.join(list_tasks())}")
+        raise UserError(f"unknown eval task {name!r}; known tasks: {', '.join(list_tasks())}")
     task = _REGISTRY[name]()
     task.name = name
     return task
@@ -477,7 +477,7 @@ class DemoTask(Task):
         selected = [row for row in rows if row["question_type"] == self.question_type]
         if not selected:
             found = sorted({row["question_type"] for row in rows})
-            raise ValueError(f"{path}: no rows with question_type {self.question_type!r} for task "
+            raise UserError(f"{path}: no rows with question_type {self.question_type!r} for task "
                              f"{self.name} (found: {', '.join(found) or 'no rows'})")
         return selected
 

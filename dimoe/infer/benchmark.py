@@ -17,6 +17,7 @@ import numpy as np
 
 from dimoe.config.infer import InferConfig
 from dimoe.config.loader import load_config
+from dimoe.errors import UserError
 from dimoe.infer.engine import GenerationEngine, collect_results
 from dimoe.infer.inputs import Request, read_prompts
 from dimoe.model.params import count_parameters
@@ -105,7 +106,7 @@ def run_benchmark(
     config.resolve(preset, {**fields, "strategy": strategy})  # fail fast on bad settings
     requests = read_prompts(dataset_jsonl)[:limit]
     if not requests:
-        raise ValueError(f"{dataset_jsonl}: no prompts to benchmark")
+        raise UserError(f"{dataset_jsonl}: no prompts to benchmark")
     engine = GenerationEngine.from_checkpoint(checkpoint, config, device=device)
     report = compare_with_llada(engine, requests, preset, strategy, batch_size, progress, **fields)
     report.update(checkpoint=str(checkpoint), dataset=str(dataset_jsonl))

@@ -35,6 +35,7 @@ from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.config.loader import load_config
 from dimoe.data.chat import encode_chat
 from dimoe.diffusion.decoding import DecodeState, final_state, llada_decode, threshold_decode
+from dimoe.errors import UserError
 from dimoe.infer.inputs import Request, Result, read_prompts, request_conversation, write_predictions
 from dimoe.model.build import load_checkpoint
 from dimoe.model.modeling import DiMoEVLModel, PrefixCache
@@ -117,7 +118,7 @@ def check_context(prompt_length: int, gen_length: int, context: int) -> None:
     """The prompt and the response must fit the model's positions."""
     total = prompt_length + gen_length
     if total > context:
-        raise ValueError(
+        raise UserError(
             f"prompt of {prompt_length} tokens + gen_length {gen_length} = {total} tokens "
             f"exceeds the model's context of {context} (max_position_embeddings); "
             "shorten the prompt or lower gen_length"
@@ -250,16 +251,16 @@ class GenerationEngine:
         try:
             messages, image = request_conversation(request)
             if image is not None and self.processor is None:
-                raise ValueError("the request has an image but the model has no vision tower")
+                raise UserError("the request has an image but the model has no vision tower")
             num_image_tokens = config.num_image_tokens if image is not None else 0
             prompt_ids = encode_chat(
                 self.tokenizer, messages, num_image_tokens=num_image_tokens, add_generation_prompt=True
             ).input_ids
             if config.mask_token_id in prompt_ids:
-                raise ValueError("the prompt contains the reserved mask token")
+                raise UserError("the prompt contains the reserved mask token")
             check_context(len(prompt_ids), settings.gen_length, config.max_position_embeddings)
         except ValueError as exc:
-            raise ValueError(f"request {request.id!r}: {exc}") from None
+            raise UserError(f"request {request.id!r}: {exc}") from None
         return EncodedRequest(index, request, prompt_ids, image)
 
     def collate(self, items: list[EncodedRequest]) -> PromptBatch:

@@ -72,10 +72,10 @@ def request_conversation(
     `load_image_bytes` (relative paths need `image_root`; data URLs always work).
     Raises ValueError (RecordFormatError, ImageError) naming the problem."""
     if (request.prompt is None) == (request.messages is None):
-        raise ValueError(f"request {request.id!r}: give exactly one of `prompt` and `messages`")
+        raise UserError(f"request {request.id!r}: give exactly one of `prompt` and `messages`")
     if request.prompt is not None:
         if not isinstance(request.prompt, str) or not request.prompt.strip():
-            raise ValueError(f"request {request.id!r}: `prompt` must be a non-empty string")
+            raise UserError(f"request {request.id!r}: `prompt` must be a non-empty string")
         messages, image_ref = [Message("user", request.prompt.strip())], None
     else:
         messages, image_ref = parse_openai_messages(request.messages)

@@ -1,19 +1,18 @@
-"""DiMoE-VL model: MoE backbone, vision tower, HF integration, parameter accounting."""
+"""DiMoE-VL model: MoE backbone, vision tower, HF integration, parameter accounting.
+
+Python imports this package before any `dimoe.model.*` module, so registering the `transformers`
+Auto classes here means `AutoModel.from_pretrained(dir)` resolves `model_type: dimoe_vl` wherever
+the model code is loaded, while `import dimoe` itself stays free of torch and transformers.
+"""
+
+from transformers import AutoConfig, AutoModel
 
 from dimoe.model.config import DiMoEConfig, hf_config_from_spec
 from dimoe.model.modeling import DiMoEOutput, DiMoEVLModel, PrefixCache
 
-
-def register_auto_classes() -> None:
-    """Make `AutoConfig`/`AutoModel` resolve `model_type: dimoe_vl` to these classes."""
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        AutoConfig.register(DiMoEConfig.model_type, DiMoEConfig)
-        AutoModel.register(DiMoEConfig, DiMoEVLModel)
-    except ValueError:  # already registered (re-import in the same process)
-        pass
-
+# exist_ok: a reloaded module (importlib.reload, notebooks) registers its fresh classes again.
+AutoConfig.register(DiMoEConfig.model_type, DiMoEConfig, exist_ok=True)
+AutoModel.register(DiMoEConfig, DiMoEVLModel, exist_ok=True)
 
 __all__ = [
     "DiMoEConfig",
@@ -21,5 +20,4 @@ __all__ = [
     "DiMoEVLModel",
     "PrefixCache",
     "hf_config_from_spec",
-    "register_auto_classes",
 ]

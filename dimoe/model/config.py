@@ -1,71 +1,65 @@
-"""HF `PretrainedConfig` of DiMoE-VL (`model_type: dimoe_vl`)."""
+"""HF `PreTrainedConfig` of DiMoE-VL (`model_type: dimoe_vl`).
+
+The architecture fields are declared once, in the YAML schema `dimoe.config.model.ModelConfig`
+(docs/design.md §3): this config takes their names, defaults and validation from it, and adds only
+what a checkpoint needs beyond the schema (vocabulary size, special token ids, the SigLIP tower
+shape as the dict `vision_config`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
-from dimoe.config.model import ModelConfig, image_token_count
+from dimoe.config.model import ModelConfig, VisionConfig, image_token_count
+
+# Schema fields that are not config.json keys: `name` only labels the YAML file, and the vision
+# tower is stored as `vision_config` + `vision_feature_layer` + `vision_pool_2x2`.
+SCHEMA_ONLY_FIELDS = frozenset({"name", "vision"})
+BACKBONE_FIELDS = tuple(name for name in ModelConfig.model_fields if name not in SCHEMA_ONLY_FIELDS)
+_VISION_DEFAULTS = VisionConfig()
 
 
-class DiMoEConfig(PretrainedConfig):
+class DiMoEConfig(PreTrainedConfig):
+    """Keyword arguments named like `ModelConfig` fields (`hidden_size`, `num_experts`, `attention`,
+    …) default to and are validated by that schema; a bad value raises pydantic's
+    `ValidationError` (a `ValueError`)."""
+
     model_type = "dimoe_vl"
 
     def __init__(
         self,
-        vocab_size: int = 2048,
-        hidden_size: int = 128,
-        num_hidden_layers: int = 4,
-        num_attention_heads: int = 4,
-        num_key_value_heads: int | None = None,
-        head_dim: int | None = None,
-        num_experts: int = 8,
-        num_experts_per_tok: int = 2,
-        moe_intermediate_size: int = 128,
-        shared_expert_intermediate_size: int = 0,
-        norm_topk_prob: bool = True,
-        qk_norm: bool = True,
-        rope_theta: float = 10000.0,
-        max_position_embeddings: int = 512,
-        rms_norm_eps: float = 1e-5,
-        initializer_range: float = 0.02,
-        attention: str = "prefix",
-        vision_config: dict[str, Any] | None = None,
-        vision_feature_layer: int = -1,
-        vision_pool_2x2: bool = True,
+        *,
+        vocab_size: int = 2048,  # the schema leaves it to the tokenizer; a bare config needs a number
+        vision_config: dict[str, Any] | None = None,  # `SiglipVisionConfig` kwargs; None = text-only
+        vision_feature_layer: int = _VISION_DEFAULTS.feature_layer,
+        vision_pool_2x2: bool = _VISION_DEFAULTS.pool_2x2,
         mask_token_id: int = 2,
         image_token_id: int = 3,
         pad_token_id: int = 0,
         eos_token_id: int = 1,
+        tie_word_embeddings: bool = False,  # the LM head is trained separately from the embedding
         **kwargs: Any,
     ) -> None:
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.head_dim = head_dim or hidden_size // num_attention_heads
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.moe_intermediate_size = moe_intermediate_size
-        self.shared_expert_intermediate_size = shared_expert_intermediate_size
-        self.norm_topk_prob = norm_topk_prob
-        self.qk_norm = qk_norm
-        self.rope_theta = rope_theta
-        self.max_position_embeddings = max_position_embeddings
-        self.rms_norm_eps = rms_norm_eps
-        self.initializer_range = initializer_range
-        if attention not in ("full", "prefix"):
-            raise ValueError(f"attention must be 'full' or 'prefix', got {attention!r}")
-        self.attention = attention
+        given = {name: kwargs.pop(name) for name in BACKBONE_FIELDS if name in kwargs}
+        spec = ModelConfig.model_validate({**given, "vocab_size": vocab_size, "vision": None})
+        for name in BACKBONE_FIELDS:
+            setattr(self, name, getattr(spec, name))
+        # Stored resolved, so a checkpoint's shapes never depend on these defaulting rules.
+        self.num_key_value_heads = spec.num_key_value_heads or spec.num_attention_heads
+        self.head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
         self.vision_config = vision_config
         self.vision_feature_layer = vision_feature_layer
         self.vision_pool_2x2 = vision_pool_2x2
         self.mask_token_id = mask_token_id
         self.image_token_id = image_token_id
-        kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
 
     @property
     def num_image_tokens(self) -> int:
@@ -80,28 +74,17 @@ class DiMoEConfig(PretrainedConfig):
 
 
 def hf_config_from_spec(spec: ModelConfig, token_ids: dict[str, int], vocab_size: int) -> DiMoEConfig:
-    """Build the HF config from a validated YAML spec and the tokenizer's special ids."""
-    vision = {**spec.vision.siglip_shape(), "vision_use_head": False} if spec.vision is not None else None
+    """Build the HF config from a validated YAML spec and the tokenizer's special ids; `vocab_size`
+    is used when the spec leaves it unset."""
+    backbone = {**spec.model_dump(include=set(BACKBONE_FIELDS)), "vocab_size": spec.vocab_size or vocab_size}
+    vision = spec.vision
+    if vision is None:
+        return DiMoEConfig(**backbone, **token_ids)
     return DiMoEConfig(
-        vocab_size=spec.vocab_size or vocab_size,
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        num_experts=spec.num_experts,
-        num_experts_per_tok=spec.num_experts_per_tok,
-        moe_intermediate_size=spec.moe_intermediate_size,
-        shared_expert_intermediate_size=spec.shared_expert_intermediate_size,
-        norm_topk_prob=spec.norm_topk_prob,
-        qk_norm=spec.qk_norm,
-        rope_theta=spec.rope_theta,
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=spec.rms_norm_eps,
-        initializer_range=spec.initializer_range,
-        attention=spec.attention,
-        vision_config=vision,
-        vision_feature_layer=spec.vision.feature_layer if spec.vision else -1,
-        vision_pool_2x2=spec.vision.pool_2x2 if spec.vision else True,
+        **backbone,
+        # SigLIP's pooling head is unused: the projector reads a hidden layer instead.
+        vision_config={**vision.siglip_shape(), "vision_use_head": False},
+        vision_feature_layer=vision.feature_layer,
+        vision_pool_2x2=vision.pool_2x2,
         **token_ids,
     )

@@ -62,18 +62,11 @@ def backbone_spec_from_llada(directory: str | Path, base: ModelConfig) -> ModelC
 
 
 def vision_spec_from_siglip(directory: str | Path, base: VisionConfig) -> VisionConfig:
+    """The shape of a local SigLIP vision encoder, as a DiMoE vision spec (the other fields kept
+    from `base`)."""
     cfg = SiglipVisionConfig.from_pretrained(str(directory))
-    return base.model_copy(
-        update={
-            "image_size": cfg.image_size,
-            "patch_size": cfg.patch_size,
-            "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "pretrained_dir": str(directory),
-        }
-    )
+    shape = {name: getattr(cfg, name) for name in base.siglip_shape()}
+    return base.model_copy(update={**shape, "pretrained_dir": str(directory)})
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

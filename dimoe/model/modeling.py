@@ -69,7 +69,14 @@ class DecoderLayer(nn.Module):
             config.shared_expert_intermediate_size,
         )
 
-    def forward(self, x, cos, sin, mask, past_kv=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], RouterOutput]:
         attn, own_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
         x = x + attn
         ffn, route = self.mlp(self.post_attention_layernorm(x))
@@ -150,16 +157,30 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         is_image = input_ids == self.config.image_token_id
         if not is_image.any():
             return embeds
+        features = self._image_rows_features(is_image, pixel_values, image_features)
+        embeds = embeds.clone()
+        embeds[is_image] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def _image_rows_features(
+        self,
+        is_image: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Image features [n, N, hidden] of the n rows of `is_image` [B, L] that hold image tokens,
+        encoded from `pixel_values` unless given; checked to fill those rows' image tokens exactly."""
         rows_with_image = is_image.any(dim=1)
+        batch = is_image.shape[0]
         if image_features is None:
             if pixel_values is None:
                 raise ValueError(
                     "input_ids contain image tokens but neither pixel_values nor image_features given"
                 )
-            if pixel_values.shape[0] == input_ids.shape[0]:
+            if pixel_values.shape[0] == batch:
                 pixel_values = pixel_values[rows_with_image]
             image_features = self.encode_images(pixel_values)
-        elif image_features.shape[0] == input_ids.shape[0]:
+        elif image_features.shape[0] == batch:
             image_features = image_features[rows_with_image]
         n_rows, n_tokens = int(rows_with_image.sum()), self.config.num_image_tokens
         if image_features.shape[:2] != (n_rows, n_tokens):
@@ -171,9 +192,28 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
             is_image[rows_with_image].sum(dim=1), torch.full((n_rows,), n_tokens, device=is_image.device)
         ):
             raise ValueError(f"every row with an image must hold exactly {n_tokens} image tokens")
-        embeds = embeds.clone()
-        embeds[is_image] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
-        return embeds
+        return image_features
+
+    def _positions_and_mask(
+        self,
+        real: torch.Tensor,
+        prefix_mask: torch.Tensor | None,
+        prefix_cache: PrefixCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE positions [B, L] of the tokens and their attention mask over the keys (the cached
+        prefix, if any, then the tokens), from the real-token mask `real` [B, L]."""
+        if prefix_cache is None:
+            key_real = real
+        elif self.config.attention != "prefix":
+            raise ValueError("a prefix cache is exact only for models trained with the `prefix` mask")
+        else:
+            key_real = torch.cat([prefix_cache.attention_mask.bool(), real], dim=1)
+        # A position counts the real tokens before it, so left padding does not shift RoPE.
+        positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, -real.shape[1] :]
+        # After a cached prefix every token is a response token: it sees the prefix and itself.
+        use_prefix = self.config.attention == "prefix" and prefix_mask is not None and prefix_cache is None
+        query_prefix = prefix_mask.bool() & real if use_prefix else None
+        return positions, build_attention_mask(key_real, query_prefix, query_prefix)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(
@@ -198,29 +238,14 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         return_prefix_cache: return this call's keys/values as a `PrefixCache` (call it on the
             prefix alone).
         """
-        b, length = input_ids.shape
-        device = input_ids.device
         real = (
-            torch.ones(b, length, dtype=torch.bool, device=device)
-            if attention_mask is None
-            else attention_mask.bool()
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
-        use_prefix = self.config.attention == "prefix" and prefix_mask is not None and prefix_cache is None
-        if prefix_cache is not None:
-            if self.config.attention != "prefix":
-                raise ValueError("a prefix cache is exact only for models trained with the `prefix` mask")
-            key_real = torch.cat([prefix_cache.attention_mask.bool(), real], dim=1)
-            positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
-        else:
-            key_real = real
-            positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        query_prefix = prefix_mask.bool() & real if use_prefix else None
-        mask = build_attention_mask(key_real, query_prefix, query_prefix)
-
+        positions, mask = self._positions_and_mask(real, prefix_mask, prefix_cache)
         x = self.embed(input_ids, pixel_values, image_features)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         routes: list[RouterOutput] = []
-        own_kvs = []
+        own_kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             past = prefix_cache.key_values[i] if prefix_cache is not None else None
             x, own_kv, route = layer(x, cos, sin, mask, past)
@@ -229,7 +254,8 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         logits = self.lm_head(self.norm(x))
 
         def per_layer(field: str) -> tuple[torch.Tensor, ...]:
-            return tuple(getattr(r, field).reshape(b, length, -1) for r in routes)
+            # The router sees tokens flattened to [B·L, ·]; callers index by [B, L].
+            return tuple(getattr(route, field).reshape(*input_ids.shape, -1) for route in routes)
 
         return DiMoEOutput(
             logits=logits,

@@ -12,7 +12,9 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 
 class VisionTower(nn.Module):
-    def __init__(self, vision_config: dict[str, Any], hidden_size: int, feature_layer: int, pool_2x2: bool):
+    def __init__(
+        self, vision_config: dict[str, Any], hidden_size: int, feature_layer: int, pool_2x2: bool
+    ) -> None:
         super().__init__()
         self.encoder = SiglipVisionModel(SiglipVisionConfig(**vision_config))
         self.feature_layer = feature_layer

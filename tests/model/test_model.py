@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import dimoe  # noqa: F401  (registers the Auto classes)
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
 from dimoe.model.build import build_model, load_checkpoint, save_checkpoint
