@@ -68,7 +68,10 @@ def user_errors(fn: F) -> F:
             if os.environ.get("DIMOE_DEBUG"):
                 raise
             message = str(exc).strip() or type(exc).__name__
-            console.print("error: " + message, style="bold red", highlight=False, markup=False)
+            # soft_wrap: one line however narrow the terminal, so logs and tests see the whole message
+            console.print(
+                "error: " + message, style="bold red", highlight=False, markup=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

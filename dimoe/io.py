@@ -24,13 +24,17 @@ class OutputDirError(UserError):
     """An output folder that cannot be replaced safely."""
 
 
+class JsonFileError(UserError):
+    """A JSON or JSON Lines file that does not parse; the message names the file and line."""
+
+
 def read_json(path: str | Path) -> Any:
     """Parse one JSON document; a syntax error names the file and line."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise JsonFileError(
             f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
             "JSON Lines files must be named *.jsonl"
         ) from None
@@ -46,9 +50,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                raise JsonFileError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                kind = type(record).__name__
+                raise JsonFileError(f"{path}:{line_number}: expected a JSON object, got {kind}")
             yield line_number, record
 
 

@@ -1,13 +1,18 @@
-"""Reading the training telemetry logs (docs/telemetry.md) and writing diagnostic summaries."""
+"""Reading the training telemetry logs (docs/telemetry.md) that the diagnostics summarise."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
+from dimoe.errors import UserError
+from dimoe.io import iter_jsonl
+
 Record = dict[str, Any]
+
+
+class DiagError(UserError):
+    """A log, manifest or option the diagnostics cannot use; the message says which and why."""
 
 
 def find_log(path: str | Path, stream: str) -> Path:
@@ -32,45 +37,18 @@ def run_name(log: Path) -> str:
     return folder.parent.name if folder.name == "logs" else folder.name
 
 
+
+
 def read_log(path: str | Path, stream: str, required: tuple[str, ...]) -> tuple[Path, list[Record]]:
-    """The records of one telemetry stream sorted by step; ValueError names the file and line of
-    a record that is not JSON or lacks one of the `required` fields."""
+    """The records of one telemetry stream sorted by step; DiagError names the file and line of a
+    record that is not JSON or lacks one of the `required` fields."""
     log = find_log(path, stream)
     records = []
-    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{log}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in iter_jsonl(log):
         missing = [field for field in ("step", *required) if field not in record]
         if missing:
-            raise ValueError(f"{log}:{number}: missing field(s) {', '.join(missing)} (see docs/telemetry.md)")
+            raise DiagError(f"{log}:{number}: missing field(s) {', '.join(missing)} (see docs/telemetry.md)")
         records.append(record)
     if not records:
-        raise ValueError(f"{log}: no records; has the run logged a step yet?")
+        raise DiagError(f"{log}: no records; has the run logged a step yet?")
     return log, sorted(records, key=lambda record: record["step"])
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN/inf: undefined values are written as null."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def series_mean(values: list[float | None]) -> float | None:
-    """Mean of the defined values of a series (None when none is defined)."""
-    defined = [value for value in values if value is not None]
-    return sum(defined) / len(defined) if defined else None
-
-
-def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def compared(this: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any]:
-    """One run's metrics as they are, or two runs side by side under `this` / `other`."""
-    return this if other is None else {"this": this, "other": other}

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from dimoe.diag import plots
-from dimoe.diag.logs import Record, compared, finite_or_none, read_log, run_name, series_mean, write_summary
-from dimoe.diag.stats import js_divergence, normalized_mutual_information
+from dimoe.diag.driver import LogDiagnostic, Run, Summary, diagnose, over_steps, step_series, tracked
+from dimoe.diag.logs import Record
+from dimoe.diag.stats import js_divergence, normalized_mutual_information, series_mean
 
-STREAM = "routing_stats"
 MODALITIES = ("image", "prompt", "response")
 DEFINITIONS = {
     "A": "routing non-stationarity: per layer, the mean over non-empty t-buckets of the Jensen-Shannon "
@@ -58,10 +59,6 @@ def layer_specialisation(
     return nmi_modality, nmi_bucket
 
 
-def _layer_mean(values: list[float | None]) -> float | None:
-    return finite_or_none(series_mean(values))
-
-
 def record_metrics(record: Record) -> dict[str, Any]:
     """A, B and C of one logged step, per layer and averaged over layers."""
     loads = [np.asarray(layer, dtype=float) for layer in record["expert_load"]]
@@ -74,31 +71,22 @@ def record_metrics(record: Record) -> dict[str, Any]:
         for load, usage in zip(loads, record["modality_usage"], strict=True)
     ]
     return {
-        "A": _layer_mean(a_layers),
+        "A": series_mean(a_layers),
         "A_per_layer": a_layers,
-        "B": _layer_mean(b_layers) if b_layers is not None else None,
+        "B": series_mean(b_layers) if b_layers is not None else None,
         "B_per_layer": b_layers,
-        "C_modality": _layer_mean([modality for modality, _ in c_layers]),
-        "C_t_bucket": _layer_mean([bucket for _, bucket in c_layers]),
+        "C_modality": series_mean([modality for modality, _ in c_layers]),
+        "C_t_bucket": series_mean([bucket for _, bucket in c_layers]),
         "C_modality_per_layer": [modality for modality, _ in c_layers],
         "C_t_bucket_per_layer": [bucket for _, bucket in c_layers],
     }
 
 
-def run_metrics(log_path: str | Path) -> tuple[dict[str, Any], list[Record]]:
-    """The routing summary of one run and its records (for the plots)."""
-    log, records = read_log(log_path, STREAM, ("expert_load", "bucket_tokens", "modality_usage"))
+def _summarise(records: list[Record]) -> Summary:
+    """A, B and C of one run: headline values of the last logged step, and every metric over steps."""
     per_step = [record_metrics(record) for record in records]
-    steps = [record["step"] for record in records]
     last, last_record = per_step[-1], records[-1]
-
-    def over_steps(key: str) -> list[float | None]:
-        return [metrics[key] for metrics in per_step]
-
-    summary = {
-        "run": run_name(log),
-        "source": str(log),
-        "steps": steps,
+    return {
         "num_layers": len(last_record["expert_load"]),
         "num_buckets": len(last_record["bucket_tokens"]),
         "num_experts": len(last_record["expert_load"][0][0]),
@@ -109,18 +97,12 @@ def run_metrics(log_path: str | Path) -> tuple[dict[str, Any], list[Record]]:
             "C_nmi_t_bucket": last["C_t_bucket"],
         },
         "A_nonstationarity": {
-            "definition": DEFINITIONS["A"],
-            "last": last["A"],
-            "mean_over_steps": series_mean(over_steps("A")),
+            **tracked(DEFINITIONS["A"], over_steps(per_step, "A")),
             "per_layer_last": last["A_per_layer"],
-            "over_steps": over_steps("A"),
         },
         "B_inconsistency": {
-            "definition": DEFINITIONS["B"],
-            "last": last["B"],
-            "mean_over_steps": series_mean(over_steps("B")),
+            **tracked(DEFINITIONS["B"], over_steps(per_step, "B")),
             "per_layer_last": last["B_per_layer"],
-            "over_steps": over_steps("B"),
         },
         "C_specialisation": {
             "definition": DEFINITIONS["C"],
@@ -131,12 +113,19 @@ def run_metrics(log_path: str | Path) -> tuple[dict[str, Any], list[Record]]:
                 "nmi_t_bucket": last["C_t_bucket_per_layer"],
             },
             "over_steps": {
-                "nmi_modality": over_steps("C_modality"),
-                "nmi_t_bucket": over_steps("C_t_bucket"),
+                "nmi_modality": over_steps(per_step, "C_modality"),
+                "nmi_t_bucket": over_steps(per_step, "C_t_bucket"),
             },
         },
     }
-    return summary, records
+
+
+ROUTING = LogDiagnostic("routing_stats", ("expert_load", "bucket_tokens", "modality_usage"), _summarise)
+
+
+def run_metrics(log_path: str | Path) -> tuple[Summary, list[Record]]:
+    """The routing summary of one run and its records (for the plots)."""
+    return ROUTING.summary(log_path)
 
 
 def diag_routing(
@@ -144,92 +133,77 @@ def diag_routing(
 ) -> dict[str, Any]:
     """`dimoe diag routing`: problems A, B and C of one run (or two, with `compare`); writes
     `summary.json` and PNGs into `out_dir` and returns the summary."""
-    out_dir = Path(out_dir)
-    runs = [run_metrics(log_path)]
-    if compare is not None:
-        runs.append(run_metrics(compare))
-    summaries = [summary for summary, _ in runs]
-    result = compared(summaries[0], summaries[1] if compare is not None else None)
-    result["plots"] = [
-        _plot_load_heatmaps(runs, out_dir / "expert_load_by_t_bucket.png"),
-        _plot_over_steps(summaries, out_dir / "routing_over_steps.png"),
-        _plot_specialisation(summaries, out_dir / "specialisation.png"),
-    ]
-    result["summary"] = str(out_dir / "summary.json")
-    write_summary(out_dir, result)
-    return result
+    return diagnose(ROUTING, log_path, out_dir, compare, _figures)
 
 
-def _labels(summaries: list[dict[str, Any]]) -> list[str]:
-    names = [summary["run"] for summary in summaries]
-    # Two runs of the same stage name (different output dirs) still need distinct legend entries.
-    return names if len(set(names)) == len(names) else ["this", "other"][: len(names)]
+def _figures(runs: list[Run]) -> dict[str, Figure]:
+    return {
+        "expert_load_by_t_bucket.png": _plot_load_heatmaps(runs),
+        "routing_over_steps.png": _plot_over_steps(runs),
+        "specialisation.png": _plot_specialisation(runs),
+    }
 
 
-def _plot_load_heatmaps(runs: list[tuple[dict[str, Any], list[Record]]], path: Path) -> str:
-    labels = _labels([summary for summary, _ in runs])
-    layers = max(summary["num_layers"] for summary, _ in runs)
+def _plot_load_heatmaps(runs: list[Run]) -> Figure:
+    """Expert load per t-bucket at the last logged step: one heat-map per layer, a block per run."""
+    layers = max(run.summary["num_layers"] for run in runs)
     rows_per_run, cols = plots.grid_shape(layers)
     figure, axes = plots.new_figure(rows_per_run * len(runs), cols, width=3.6, height=2.6)
-    vmax = max(float(np.max(records[-1]["expert_load"])) for _, records in runs) or 1.0
-    for run_index, ((summary, records), label) in enumerate(zip(runs, labels, strict=True)):
-        block = axes[run_index * rows_per_run : (run_index + 1) * rows_per_run]
-        for layer, load in enumerate(records[-1]["expert_load"]):
+    # One colour scale for every panel, so runs and layers compare at a glance.
+    vmax = max(float(np.max(run.records[-1]["expert_load"])) for run in runs) or 1.0
+    for index, run in enumerate(runs):
+        block = axes[index * rows_per_run : (index + 1) * rows_per_run]
+        last = run.records[-1]["expert_load"]
+        for layer, load in enumerate(last):
             plots.heatmap(
                 figure,
                 block.flat[layer],
                 np.asarray(load, dtype=float),
-                f"{label} · layer {layer} (step {summary['steps'][-1]})",
+                f"{run.label} · layer {layer} (step {run.summary['steps'][-1]})",
                 "expert",
                 "t-bucket",
                 vmax,
             )
-        plots.hide_unused(block, len(records[-1]["expert_load"]))
+        plots.hide_unused(block, len(last))
     figure.suptitle("Expert load per t-bucket (fraction of top-k assignments of visible tokens)")
-    return plots.save(figure, path)
+    return figure
 
 
-def _plot_over_steps(summaries: list[dict[str, Any]], path: Path) -> str:
-    labels = _labels(summaries)
+def _plot_over_steps(runs: list[Run]) -> Figure:
     figure, axes = plots.new_figure(1, 2)
     plots.plot_series(
         axes[0, 0],
-        [
-            (label, s["steps"], s["A_nonstationarity"]["over_steps"])
-            for label, s in zip(labels, summaries, strict=True)
-        ],
+        step_series(runs, "A_nonstationarity", "over_steps"),
         "A: routing non-stationarity",
         "mean JS divergence (bits)",
     )
     plots.plot_series(
         axes[0, 1],
-        [
-            (label, s["steps"], s["B_inconsistency"]["over_steps"])
-            for label, s in zip(labels, summaries, strict=True)
-        ],
+        step_series(runs, "B_inconsistency", "over_steps"),
         "B: top-k consistency between views",
         "mean Jaccard overlap",
     )
-    if all(s["B_inconsistency"]["last"] is None for s in summaries):
+    if all(run.summary["B_inconsistency"]["last"] is None for run in runs):
         axes[0, 1].text(
             0.5, 0.5, "single-view run: no view overlap logged", ha="center", transform=axes[0, 1].transAxes
         )
-    return plots.save(figure, path)
+    return figure
 
 
-def _plot_specialisation(summaries: list[dict[str, Any]], path: Path) -> str:
-    labels = _labels(summaries)
-    figure, axes = plots.new_figure(1, 1, width=max(5.0, 1.2 * summaries[0]["num_layers"] + 2))
+def _plot_specialisation(runs: list[Run]) -> Figure:
+    """C per layer at the last logged step: NMI with modality (solid) and t-bucket (hatched) bars."""
+    layers = max(run.summary["num_layers"] for run in runs)
+    figure, axes = plots.new_figure(1, 1, width=max(7.0, 1.2 * layers + 2))  # room for the title
     ax = axes[0, 0]
-    width = 0.8 / (2 * len(summaries))
-    for index, (summary, label, colour) in enumerate(zip(summaries, labels, plots.RUN_COLOURS, strict=False)):
-        per_layer = summary["C_specialisation"]["per_layer_last"]
-        layers = np.arange(len(per_layer["nmi_modality"]))
+    width = 0.8 / (2 * len(runs))
+    for index, (run, colour) in enumerate(zip(runs, plots.RUN_COLOURS, strict=False)):
+        per_layer = run.summary["C_specialisation"]["per_layer_last"]
+        positions = np.arange(len(per_layer["nmi_modality"]))
         for kind, (key, hatch) in enumerate((("nmi_modality", ""), ("nmi_t_bucket", "//"))):
             values = [value if value is not None else 0.0 for value in per_layer[key]]
-            offset = (2 * index + kind - len(summaries) + 0.5) * width
+            offset = (2 * index + kind - len(runs) + 0.5) * width
             ax.bar(
-                layers + offset,
+                positions + offset,
                 values,
                 width,
                 color=colour,
@@ -237,12 +211,12 @@ def _plot_specialisation(summaries: list[dict[str, Any]], path: Path) -> str:
                 edgecolor="black",
                 linewidth=0.5,
                 alpha=1.0 if kind == 0 else 0.55,
-                label=f"{label}: NMI(expert; {key.split('_', 1)[1]})",
+                label=f"{run.label}: NMI(expert; {key.split('_', 1)[1]})",
             )
-    ax.set_xticks(np.arange(max(summary["num_layers"] for summary in summaries)))
+    ax.set_xticks(np.arange(layers))
     ax.set_xlabel("layer")
     ax.set_ylabel("normalised mutual information")
     ax.set_title("C: expert specialisation — by modality (solid) vs by t-bucket (hatched)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return plots.save(figure, path)
+    return figure

@@ -1,9 +1,12 @@
-"""The statistics behind the A–F diagnostics (docs/design.md §4), on plain numpy arrays.
+"""The statistics behind the A–F diagnostics (docs/design.md §4), on plain numpy arrays, and the
+means of logged series (None for steps where a metric is undefined).
 
 Entropies and divergences are in bits (log base 2), so JS divergence and NMI lie in [0, 1].
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -81,3 +84,13 @@ def gini(values: ArrayLike) -> float:
     # For sorted x, Σ_i Σ_j |x_i - x_j| = 2 Σ_i (2i - n + 1) x_i (i from 0): O(n log n), no n² matrix.
     ranks = np.arange(n)
     return float(2.0 * ((2 * ranks - n + 1) * array).sum() / (2.0 * n * n * mean))
+
+
+def series_mean(values: list[float | None]) -> float | None:
+    """Mean of the defined values of a series; None when none is defined or the mean is not finite
+    (summaries are JSON, which has no NaN or infinity)."""
+    defined = [value for value in values if value is not None]
+    if not defined:
+        return None
+    mean = sum(defined) / len(defined)
+    return mean if math.isfinite(mean) else None

@@ -15,17 +15,19 @@ the normal variable z for the logit-normal sampler (t = t_min + (t_max - t_min) 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow.parquet as pq
+from matplotlib.figure import Figure
 
 from dimoe.config.train import TimestepSpec
 from dimoe.diag import plots
-from dimoe.diag.logs import read_log, run_name, write_summary
+from dimoe.diag.driver import LogDiagnostic, Run, Summary, side_by_side, step_series, write_outputs
+from dimoe.diag.logs import DiagError, Record
 from dimoe.diffusion.forward import DEFAULT_MASK_EPS
+from dimoe.io import iter_jsonl
 
 VIEWS = ("single", "independent", "complementary")
 DEFINITION = (
@@ -70,8 +72,7 @@ def no_supervision_probability(
     lengths: np.ndarray, sampler: TimestepSpec, views: str = "single", eps: float = DEFAULT_MASK_EPS
 ) -> np.ndarray:
     """P(no supervised token | L) for each answer length in `lengths` (see the module docstring)."""
-    if views not in VIEWS:
-        raise ValueError(f"unknown views {views!r} (valid: {', '.join(VIEWS)})")
+    _check_views(views)
     lengths = np.asarray(lengths, dtype=np.int64)
     if views == "complementary":
         return (lengths == 0).astype(float)
@@ -98,48 +99,100 @@ def expected_zero_supervision(
     return float((probability * counts).sum() / counts.sum())
 
 
+def _check_views(views: str) -> None:
+    if views not in VIEWS:
+        raise DiagError(f"unknown views {views!r} (valid: {', '.join(VIEWS)})")
+
+
+def _timestep_spec(t_sampler: TimestepSpec | str) -> TimestepSpec:
+    """A TimestepSpec as given, or a sampler kind name with its default parameters."""
+    if isinstance(t_sampler, TimestepSpec):
+        return t_sampler
+    kinds = get_args(TimestepSpec.model_fields["kind"].annotation)
+    if t_sampler not in kinds:
+        raise DiagError(f"unknown t sampler {t_sampler!r} (valid: {', '.join(kinds)})")
+    return TimestepSpec(kind=t_sampler)
+
+
 def read_answer_lengths(manifest: str | Path) -> np.ndarray:
     """The `answer_length` column of a blend (a Parquet directory or file) or a JSON Lines file."""
     manifest = Path(manifest)
     if not manifest.exists():
         raise FileNotFoundError(f"manifest not found: {manifest} (a blend Parquet directory or a JSONL file)")
-    if manifest.suffix == ".jsonl":
-        lengths = []
-        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("answer_length"), int):
-                    raise ValueError(f"{manifest}:{number}: needs an integer `answer_length`")
-                lengths.append(row["answer_length"])
-        values = np.asarray(lengths, dtype=np.int64)
-    else:
-        try:
-            values = pq.read_table(manifest, columns=["answer_length"])["answer_length"].to_numpy()
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{manifest}: cannot read an `answer_length` column ({exc})") from None
+    values = _jsonl_lengths(manifest) if manifest.suffix == ".jsonl" else _parquet_lengths(manifest)
     if values.size == 0:
-        raise ValueError(f"{manifest}: no rows")
+        raise DiagError(f"{manifest}: no rows")
     if (values < 0).any():
-        raise ValueError(f"{manifest}: negative answer_length values")
+        raise DiagError(f"{manifest}: negative answer_length values")
     return values.astype(np.int64)
 
 
-def observed_zero_supervision(train_log: str | Path) -> dict[str, Any]:
-    """Observed D from `train_metrics.jsonl`: Σ zero_supervision_samples / Σ samples, and per step."""
-    log, records = read_log(train_log, "train_metrics", ("zero_supervision_samples", "samples"))
+def _jsonl_lengths(manifest: Path) -> np.ndarray:
+    lengths = []
+    for number, row in iter_jsonl(manifest):
+        if not isinstance(row.get("answer_length"), int):
+            raise DiagError(f"{manifest}:{number}: needs an integer `answer_length`")
+        lengths.append(row["answer_length"])
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def _parquet_lengths(manifest: Path) -> np.ndarray:
+    try:
+        return pq.read_table(manifest, columns=["answer_length"])["answer_length"].to_numpy()
+    except (KeyError, ValueError) as exc:  # no such column, or not Parquet (ArrowInvalid)
+        raise DiagError(f"{manifest}: cannot read an `answer_length` column ({exc})") from None
+
+
+def _observed(records: list[Record]) -> Summary:
+    """Observed D of one run: Σ zero_supervision_samples / Σ samples, and per step."""
     zero = sum(record["zero_supervision_samples"] for record in records)
     samples = sum(record["samples"] for record in records)
     return {
-        "run": run_name(log),
-        "source": str(log),
         "fraction": zero / samples if samples else None,
         "zero_supervision_samples": zero,
         "samples": samples,
-        "steps": [record["step"] for record in records],
         "over_steps": [
             record["zero_supervision_samples"] / record["samples"] if record["samples"] else None
             for record in records
         ],
+    }
+
+
+OBSERVED = LogDiagnostic("train_metrics", ("zero_supervision_samples", "samples"), _observed)
+
+
+def observed_zero_supervision(train_log: str | Path) -> Summary:
+    """Observed D from `train_metrics.jsonl` (or its logs/ or stage folder): the run's summary."""
+    summary, _ = OBSERVED.summary(train_log)
+    return summary
+
+
+def _expected(
+    manifest: str | Path, lengths: np.ndarray, sampler: TimestepSpec, views: str, eps: float
+) -> Summary:
+    """The closed-form part of the summary: D of the manifest's answer lengths for every views mode."""
+    expected = {kind: expected_zero_supervision(lengths, sampler, kind, eps) for kind in VIEWS}
+    return {
+        "definition": DEFINITION,
+        "manifest": str(manifest),
+        "samples": int(lengths.size),
+        "answer_length": {
+            "mean": float(lengths.mean()),
+            "median": float(np.median(lengths)),
+            "min": int(lengths.min()),
+            "max": int(lengths.max()),
+            "fraction_le_3": float((lengths <= 3).mean()),
+        },
+        "t_sampler": sampler.model_dump(),
+        "views": views,
+        "mask_eps": eps,
+        "headline": {"D_zero_supervision": expected[views]},
+        "expected": {
+            "configured": expected[views],
+            "single_view": expected["single"],
+            "independent_views": expected["independent"],
+            "complementary": expected["complementary"],
+        },
     }
 
 
@@ -158,56 +211,30 @@ def diag_supervision(
     observed value of `train_log` (a `train_metrics.jsonl`, its logs/ dir or its stage dir) and of
     `compare` (another run's log) when given. From a train config pass `cfg.diffusion.timesteps`,
     `views=cfg.diffusion.views`, `mask_eps=cfg.diffusion.mask_eps`. Writes `summary.json` and PNGs."""
-    sampler = TimestepSpec(kind=t_sampler) if isinstance(t_sampler, str) else t_sampler
-    if views not in VIEWS:
-        raise ValueError(f"unknown views {views!r} (valid: {', '.join(VIEWS)})")
-    out_dir = Path(out_dir)
+    sampler = _timestep_spec(t_sampler)
+    _check_views(views)
     lengths = read_answer_lengths(manifest)
-    expected = {kind: expected_zero_supervision(lengths, sampler, kind, mask_eps) for kind in VIEWS}
-    observed_this = observed_zero_supervision(train_log) if train_log is not None else None
-    observed_other = observed_zero_supervision(compare) if compare is not None else None
-    summary: dict[str, Any] = {
-        "definition": DEFINITION,
-        "manifest": str(manifest),
-        "samples": int(lengths.size),
-        "answer_length": {
-            "mean": float(lengths.mean()),
-            "median": float(np.median(lengths)),
-            "min": int(lengths.min()),
-            "max": int(lengths.max()),
-            "fraction_le_3": float((lengths <= 3).mean()),
-        },
-        "t_sampler": sampler.model_dump(),
-        "views": views,
-        "mask_eps": mask_eps,
-        "headline": {"D_zero_supervision": expected[views]},
-        "expected": {
-            "configured": expected[views],
-            "single_view": expected["single"],
-            "independent_views": expected["independent"],
-            "complementary": expected["complementary"],
-        },
-    }
-    if observed_this is not None:
-        summary["headline"]["D_zero_supervision_observed"] = observed_this["fraction"]
-    if train_log is not None or compare is not None:
-        summary["observed"] = (
-            observed_this if compare is None else {"this": observed_this, "other": observed_other}
-        )
-    summary["plots"] = [
-        _plot_by_length(lengths, sampler, views, mask_eps, out_dir / "no_supervision_vs_length.png")
-    ]
-    observed = [run for run in (observed_this, observed_other) if run is not None]
-    if observed:
-        summary["plots"].append(
-            _plot_observed(observed, expected[views], out_dir / "no_supervision_over_steps.png")
-        )
-    summary["summary"] = str(out_dir / "summary.json")
-    write_summary(out_dir, summary)
-    return summary
+    summary = _expected(manifest, lengths, sampler, views, mask_eps)
+    figures = {"no_supervision_vs_length.png": _plot_by_length(lengths, sampler, views, mask_eps)}
+    runs = OBSERVED.runs(train_log, compare)
+    if runs:
+        summary["observed"] = side_by_side(runs)
+        if train_log is not None:
+            summary["headline"]["D_zero_supervision_observed"] = runs[0].summary["fraction"]
+        figures["no_supervision_over_steps.png"] = _plot_observed(runs, summary["expected"]["configured"])
+    return write_outputs(out_dir, summary, figures)
 
 
-def _plot_by_length(lengths: np.ndarray, sampler: TimestepSpec, views: str, eps: float, path: Path) -> str:
+# Colour and legend of each views mode in the by-length plot.
+VIEW_STYLES = {
+    "single": ("tab:red", "single view (no complementary masking)"),
+    "independent": ("tab:purple", "two independent views (t, 1 - t)"),
+    "complementary": ("tab:green", "complementary views"),
+}
+
+
+def _plot_by_length(lengths: np.ndarray, sampler: TimestepSpec, views: str, eps: float) -> Figure:
+    """P(no supervision | L) for each views mode over answer lengths, on the manifest's length shares."""
     longest = max(int(lengths.max()), 16)
     grid = np.arange(1, longest + 1)
     figure, axes = plots.new_figure(1, 1, width=6.5, height=4.0)
@@ -216,22 +243,18 @@ def _plot_by_length(lengths: np.ndarray, sampler: TimestepSpec, views: str, eps:
     share = ax.twinx()
     share.bar(grid, counts / lengths.size, width=1.0, color="lightgray", label="answer-length share")
     share.set_ylabel("share of samples")
+    # The curves above the bars: the twin axes would otherwise hide them.
     ax.set_zorder(share.get_zorder() + 1)
     ax.patch.set_visible(False)
-    styles = {
-        "single": ("tab:red", "single view (no complementary masking)"),
-        "independent": ("tab:purple", "two independent views (t, 1 - t)"),
-        "complementary": ("tab:green", "complementary views"),
-    }
     for kind in VIEWS:
-        colour, label = styles[kind]
-        marker = " [configured]" if kind == views else ""
+        colour, label = VIEW_STYLES[kind]
+        configured = kind == views
         ax.plot(
             grid,
             no_supervision_probability(grid, sampler, kind, eps),
             color=colour,
-            linewidth=2.2 if kind == views else 1.3,
-            label=label + marker,
+            linewidth=2.2 if configured else 1.3,
+            label=label + (" [configured]" if configured else ""),
         )
     ax.set_xscale("log" if longest > 64 else "linear")
     ax.set_xlabel("answer length L (eligible tokens)")
@@ -241,20 +264,19 @@ def _plot_by_length(lengths: np.ndarray, sampler: TimestepSpec, views: str, eps:
     ax.set_title(f"D: P(no supervision) vs answer length — t ~ {sampler.kind} {band}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    return plots.save(figure, path)
+    return figure
 
 
-def _plot_observed(observed: list[dict[str, Any]], expected: float, path: Path) -> str:
+def _plot_observed(runs: list[Run], expected: float) -> Figure:
+    """Observed D over steps per run, against the configured closed-form value."""
     figure, axes = plots.new_figure(1, 1, width=6.0)
     ax = axes[0, 0]
-    names = [run["run"] for run in observed]
-    labels = names if len(set(names)) == len(names) else ["this", "other"][: len(names)]
     plots.plot_series(
         ax,
-        [(label, run["steps"], run["over_steps"]) for label, run in zip(labels, observed, strict=True)],
+        step_series(runs, "over_steps"),
         "D: observed fraction of samples without supervision",
         "zero-supervision fraction",
     )
     ax.axhline(expected, color="gray", linestyle="--", label=f"expected (configured): {expected:.3f}")
     ax.legend(fontsize=8)
-    return plots.save(figure, path)
+    return figure

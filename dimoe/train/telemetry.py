@@ -1,4 +1,5 @@
-"""Training telemetry: JSON-lines logs that `dimoe diag` reads, and Ray metrics gauges.
+"""Training telemetry: JSON-lines logs that `dimoe diag` reads, and Ray metrics gauges (declared in
+`dimoe.telemetry.catalogue`).
 
 Files under `<output_dir>/<stage>/logs/` (schema in docs/telemetry.md):
 - `train_metrics.jsonl`: step, loss terms, lr per group, grad norm, tokens/s, supervision counts;
@@ -8,7 +9,6 @@ Files under `<output_dir>/<stage>/logs/` (schema in docs/telemetry.md):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from dimoe.io import append_jsonl
+from dimoe.telemetry import catalogue
 
 LOG_FILES = ("train_metrics", "routing_stats", "gradient_stats")
 
@@ -26,8 +29,7 @@ class JsonlLogger:
         self.paths = {name: log_dir / f"{name}.jsonl" for name in LOG_FILES}
 
     def write(self, stream: str, record: dict[str, Any]) -> None:
-        with self.paths[stream].open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_jsonl(self.paths[stream], record)
 
 
 def gradient_stats(
@@ -69,51 +71,45 @@ def gradient_stats(
 
 
 class RoutingGauges:
-    """Ray metrics (exported as `ray_dimoe_*`), tagged by layer and expert only (low cardinality).
+    """The training gauges of the metrics catalogue (exported as `ray_dimoe_*`), tagged by stage,
+    layer and expert only (low cardinality).
 
     `dimoe_routing_nonstationarity{stage,layer}` is problem A of docs/design.md §4 at this log step, as
     `dimoe diag routing` computes it offline: the mean Jensen–Shannon divergence (bits) between each
     t-bucket's expert load and the all-bucket mean."""
 
     def __init__(self, stage: str) -> None:
-        from ray.util.metrics import Gauge
-
-        tags = ("stage", "layer", "expert")
         self.stage = stage
-        self.load = Gauge("dimoe_expert_load", "Fraction of top-k assignments per expert", tag_keys=tags)
-        self.entropy = Gauge("dimoe_router_entropy", "Mean router entropy", tag_keys=("stage", "layer"))
-        self.overlap = Gauge(
-            "dimoe_view_consistency", "Top-k Jaccard overlap between views", tag_keys=("stage", "layer")
-        )
-        self.loss = Gauge("dimoe_train_loss", "Training loss terms", tag_keys=("stage", "term"))
-        self.nonstationarity = Gauge(
-            "dimoe_routing_nonstationarity",
-            "Mean JS divergence (bits) of each t-bucket's expert load from the all-bucket mean (problem A)",
-            tag_keys=("stage", "layer"),
-        )
+        self.load = catalogue.EXPERT_LOAD.create()
+        self.entropy = catalogue.ROUTER_ENTROPY.create()
+        self.overlap = catalogue.VIEW_CONSISTENCY.create()
+        self.loss = catalogue.TRAIN_LOSS.create()
+        self.nonstationarity = catalogue.ROUTING_NONSTATIONARITY.create()
 
     def publish(self, metrics: dict[str, float], routing: dict[str, Any]) -> None:
-        from dimoe.diag.routing import layer_nonstationarity
-
+        """Set the gauges from one logged step: its `train_metrics` and `routing_stats` records."""
         for term, value in metrics.items():
             if term.startswith("loss"):
                 self.loss.set(value, tags={"stage": self.stage, "term": term})
+        weights = np.asarray(routing.get("bucket_tokens", []), dtype=float)
         for layer, buckets in enumerate(routing.get("expert_load", [])):
-            weights = routing["bucket_tokens"]
-            total = sum(weights) or 1.0
-            loads = [
-                sum(w * b[expert] for w, b in zip(weights, buckets, strict=True)) / total
-                for expert in range(len(buckets[0]))
-            ]
-            for expert, load in enumerate(loads):
-                self.load.set(load, tags={"stage": self.stage, "layer": str(layer), "expert": str(expert)})
-            self.entropy.set(
-                routing["router_entropy"][layer], tags={"stage": self.stage, "layer": str(layer)}
-            )
-            if routing.get("topk_overlap") is not None:
-                self.overlap.set(
-                    routing["topk_overlap"][layer], tags={"stage": self.stage, "layer": str(layer)}
-                )
-            drift = layer_nonstationarity(np.asarray(buckets, dtype=float), np.asarray(weights, dtype=float))
-            if drift is not None:  # None: no visible token counted in any bucket this step
-                self.nonstationarity.set(drift, tags={"stage": self.stage, "layer": str(layer)})
+            self._publish_layer(layer, np.asarray(buckets, dtype=float), weights, routing)
+
+    def _publish_layer(
+        self, layer: int, load: np.ndarray, weights: np.ndarray, routing: dict[str, Any]
+    ) -> None:
+        # Imported here: `dimoe.diag` loads matplotlib and pyarrow, which only rank 0 needs, and only
+        # once it publishes.
+        from dimoe.diag.routing import layer_nonstationarity
+
+        tags = {"stage": self.stage, "layer": str(layer)}
+        # Token-weighted over t-buckets, so the gauge is the layer's load over all visible tokens.
+        loads = weights @ load / (weights.sum() or 1.0)
+        for expert, value in enumerate(loads.tolist()):
+            self.load.set(value, tags={**tags, "expert": str(expert)})
+        self.entropy.set(routing["router_entropy"][layer], tags=tags)
+        if routing.get("topk_overlap") is not None:
+            self.overlap.set(routing["topk_overlap"][layer], tags=tags)
+        drift = layer_nonstationarity(load, weights)
+        if drift is not None:  # None: no visible token counted in any bucket this step
+            self.nonstationarity.set(drift, tags=tags)

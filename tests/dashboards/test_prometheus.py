@@ -22,6 +22,7 @@ import pytest
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
+from dimoe.telemetry.catalogue import TRAINING_METRICS
 from tests.processes import stop_session
 from tests.train.blends import write_blends
 
@@ -103,21 +104,10 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
-    spec = load_config(ROOT / "configs/model/tiny.yaml", ModelConfig)
+def train_command(tmp_path: Path, tokenizer, spec: ModelConfig, metrics_port: int) -> list[str]:
+    """A 4-step two-view stage0 run on tiny blends, logging (and publishing gauges) every step."""
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     write_blends(tmp_path / "data", tokenizer, spec.vision.num_image_tokens)
-
-    metrics_port, prometheus_port = free_port(), free_port()
-    prom_url = f"http://127.0.0.1:{prometheus_port}"
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: ray\n"
-        "    scrape_interval: 1s\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
-    )
     overrides = [
         f"data.data_dir={tmp_path / 'data'}",
         f"tokenizer={tmp_path / 'tokenizer'}",
@@ -132,53 +122,103 @@ def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
         "checkpoint.every_steps=100",
     ]
     (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_metrics_report_interval_ms"] = "1000"  # workers push gauges every second (default 10 s)
-    prometheus_cmd = [
+    return [sys.executable, str(tmp_path / "train.py"), str(metrics_port), *overrides]
+
+
+def prometheus_command(tmp_path: Path, metrics_port: int, prometheus_port: int) -> list[str]:
+    """A Prometheus scraping Ray's metrics export port every second."""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        "    scrape_interval: 1s\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+    )
+    return [
         PROMETHEUS,
         f"--config.file={config}",
         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{prometheus_port}",
     ]
-    train_cmd = [sys.executable, str(tmp_path / "train.py"), str(metrics_port), *overrides]
-    prom_log, train_log = tmp_path / "prometheus.log", tmp_path / "train.log"
 
-    wanted = {
-        "ray_dimoe_expert_load": {"layer", "expert"},
-        "ray_dimoe_router_entropy": {"layer"},
-        "ray_dimoe_view_consistency": {"layer"},
-        "ray_dimoe_routing_nonstationarity": {"layer"},
-        "ray_dimoe_train_loss": {"term"},
-    }
+
+def wait_ready(prom_url: str, prometheus: subprocess.Popen, prom_log: Path) -> None:
+    """Prometheus up before training starts, so no published value is missed."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{prom_url}/-/ready", timeout=2).close()
+            return
+        except OSError:
+            assert prometheus.poll() is None, f"prometheus exited:\n{tail(prom_log)}"
+            assert time.monotonic() < deadline, f"prometheus not ready in 30 s:\n{tail(prom_log)}"
+            time.sleep(0.5)
+
+
+def collect_series(
+    prom_url: str, training: subprocess.Popen, train_log: Path, wanted: dict[str, set[str]]
+) -> dict[str, list[dict]]:
+    """The series of each wanted metric, polled until all appear or training ended a while ago."""
     found: dict[str, list[dict]] = {}
-    with own_session(prometheus_cmd, prom_log, cwd=tmp_path) as prometheus:
-        deadline = time.monotonic() + 30
-        while True:  # Prometheus up before training starts, so no published value is missed
-            try:
-                urllib.request.urlopen(f"{prom_url}/-/ready", timeout=2).close()
-                break
-            except OSError:
-                assert prometheus.poll() is None, f"prometheus exited:\n{tail(prom_log)}"
-                assert time.monotonic() < deadline, f"prometheus not ready in 30 s:\n{tail(prom_log)}"
-                time.sleep(0.5)
-
-        with own_session(train_cmd, train_log, cwd=ROOT, env=env) as training:
-            started = time.monotonic()
-            finished_at = None
-            while len(found) < len(wanted):
-                for metric in wanted.keys() - found.keys():
-                    if data := series(prom_url, metric):
-                        found[metric] = data
-                if finished_at is None and training.poll() is not None:
-                    finished_at = time.monotonic()
-                    assert training.returncode == 0, f"training failed:\n{tail(train_log)}"
-                now = time.monotonic()
-                if (finished_at and now - finished_at > SERIES_TIMEOUT_S) or now - started > TRAIN_TIMEOUT_S:
-                    break
-                time.sleep(1)
-            training.wait(TRAIN_TIMEOUT_S - (time.monotonic() - started))
+    started, finished_at = time.monotonic(), None
+    while len(found) < len(wanted):
+        for metric in wanted.keys() - found.keys():
+            if data := series(prom_url, metric):
+                found[metric] = data
+        if finished_at is None and training.poll() is not None:
+            finished_at = time.monotonic()
             assert training.returncode == 0, f"training failed:\n{tail(train_log)}"
+        now = time.monotonic()
+        if (finished_at and now - finished_at > SERIES_TIMEOUT_S) or now - started > TRAIN_TIMEOUT_S:
+            break
+        time.sleep(1)
+    training.wait(TRAIN_TIMEOUT_S - (time.monotonic() - started))
+    assert training.returncode == 0, f"training failed:\n{tail(train_log)}"
+    return found
 
+
+def check_scraped_values(prom_url: str, found: dict[str, list[dict]], spec: ModelConfig) -> None:
+    """Every layer and expert reported; each layer's loads sum to 1; JS divergence in [0, 1]."""
+    layers = {str(i) for i in range(spec.num_hidden_layers)}
+    experts = {str(i) for i in range(spec.num_experts)}
+    assert {(s["layer"], s["expert"]) for s in found["ray_dimoe_expert_load"]} == {
+        (layer, expert) for layer in layers for expert in experts
+    }
+    for metric in (
+        "ray_dimoe_router_entropy",
+        "ray_dimoe_view_consistency",
+        "ray_dimoe_routing_nonstationarity",
+    ):
+        assert {s["layer"] for s in found[metric]} == layers, metric
+    assert {"loss", "loss_diffusion"} <= {s["term"] for s in found["ray_dimoe_train_loss"]}
+
+    def last_values(query: str) -> dict[str, float]:
+        result = prometheus_get(prom_url, "/api/v1/query", query=query)["data"]["result"]
+        return {r["metric"].get("layer", ""): float(r["value"][1]) for r in result}
+
+    load_sums = last_values(f'sum by (layer) (last_over_time(ray_dimoe_expert_load{{stage="{STAGE}"}}[10m]))')
+    assert set(load_sums) == layers and all(abs(v - 1.0) < 1e-3 for v in load_sums.values()), load_sums
+    js = last_values(f'last_over_time(ray_dimoe_routing_nonstationarity{{stage="{STAGE}"}}[10m])')
+    assert set(js) == layers and all(0.0 <= v <= 1.0 for v in js.values()), js
+
+
+def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
+    spec = load_config(ROOT / "configs/model/tiny.yaml", ModelConfig)
+    metrics_port, prometheus_port = free_port(), free_port()
+    prom_url = f"http://127.0.0.1:{prometheus_port}"
+    train_cmd = train_command(tmp_path, tokenizer, spec, metrics_port)
+    prometheus_cmd = prometheus_command(tmp_path, metrics_port, prometheus_port)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_metrics_report_interval_ms"] = "1000"  # workers push gauges every second (default 10 s)
+    prom_log, train_log = tmp_path / "prometheus.log", tmp_path / "train.log"
+    # Every training metric of the catalogue, with the tags it is declared with.
+    wanted = {metric.series[0]: set(metric.tag_keys) for metric in TRAINING_METRICS}
+
+    with own_session(prometheus_cmd, prom_log, cwd=tmp_path) as prometheus:
+        wait_ready(prom_url, prometheus, prom_log)
+        with own_session(train_cmd, train_log, cwd=ROOT, env=env) as training:
+            found = collect_series(prom_url, training, train_log, wanted)
         targets = prometheus_get(prom_url, "/api/v1/targets")["data"]["activeTargets"]
         missing = sorted(wanted.keys() - found.keys())
         assert not missing, (
@@ -189,28 +229,4 @@ def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
         for metric, labels in wanted.items():
             for entry in found[metric]:
                 assert entry["stage"] == STAGE and labels <= entry.keys(), (metric, entry)
-
-        layers = {str(i) for i in range(spec.num_hidden_layers)}
-        experts = {str(i) for i in range(spec.num_experts)}
-        assert {(s["layer"], s["expert"]) for s in found["ray_dimoe_expert_load"]} == {
-            (layer, expert) for layer in layers for expert in experts
-        }
-        for metric in (
-            "ray_dimoe_router_entropy",
-            "ray_dimoe_view_consistency",
-            "ray_dimoe_routing_nonstationarity",
-        ):
-            assert {s["layer"] for s in found[metric]} == layers, metric
-        assert {"loss", "loss_diffusion"} <= {s["term"] for s in found["ray_dimoe_train_loss"]}
-
-        # The scraped values make sense: each layer's expert loads sum to 1, JS divergence in [0, 1].
-        def last_values(query: str) -> dict[str, float]:
-            result = prometheus_get(prom_url, "/api/v1/query", query=query)["data"]["result"]
-            return {r["metric"].get("layer", ""): float(r["value"][1]) for r in result}
-
-        load_sums = last_values(
-            f'sum by (layer) (last_over_time(ray_dimoe_expert_load{{stage="{STAGE}"}}[10m]))'
-        )
-        assert set(load_sums) == layers and all(abs(v - 1.0) < 1e-3 for v in load_sums.values()), load_sums
-        js = last_values(f'last_over_time(ray_dimoe_routing_nonstationarity{{stage="{STAGE}"}}[10m])')
-        assert set(js) == layers and all(0.0 <= v <= 1.0 for v in js.values()), js
+        check_scraped_values(prom_url, found, spec)

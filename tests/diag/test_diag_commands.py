@@ -5,9 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from dimoe.cli import app
 from dimoe.diag import diag_gradient, diag_routing
+from dimoe.diag.gradient import GRADIENT
 from dimoe.diag.stats import js_divergence
+from dimoe.errors import UserError
 
 
 def write_log(path: Path, records: list[dict]) -> Path:
@@ -103,3 +107,29 @@ def test_diag_names_the_missing_log_and_the_bad_record(tmp_path: Path) -> None:
         ValueError, match=r"gradient_stats.jsonl:1: missing field\(s\) projector, backbone, experts"
     ):
         diag_gradient(tmp_path, tmp_path / "out")
+
+
+def test_same_named_runs_are_labelled_by_role_and_summary_json_is_the_result(tmp_path: Path) -> None:
+    this = write_log(tmp_path / "a/stage2_full/logs/gradient_stats.jsonl", [gradient_record(1)])
+    other = write_log(tmp_path / "b/stage2_full/logs/gradient_stats.jsonl", [gradient_record(1, 2.0)])
+    assert [run.label for run in GRADIENT.runs(this, other)] == ["this", "other"]
+    assert [run.label for run in GRADIENT.runs(this, None)] == ["stage2_full"]
+    summary = diag_gradient(this, tmp_path / "out", compare=other)
+    assert summary["this"]["run"] == summary["other"]["run"] == "stage2_full"
+    assert json.loads((tmp_path / "out/summary.json").read_text()) == summary
+    assert summary["summary"] == str(tmp_path / "out/summary.json")
+
+
+def test_a_bad_log_is_a_user_error_naming_file_and_line(tmp_path: Path) -> None:
+    log = tmp_path / "run/logs/gradient_stats.jsonl"
+    write_log(log, [gradient_record(1)])
+    log.write_text(log.read_text() + "{not json\n")
+    with pytest.raises(UserError, match=r"gradient_stats.jsonl:2: not valid JSON"):
+        diag_gradient(tmp_path / "run", tmp_path / "out")
+    log.write_text("\n")
+    with pytest.raises(UserError, match="no records"):
+        diag_gradient(log, tmp_path / "out")
+    result = CliRunner().invoke(
+        app, ["diag", "gradient", "--log", str(log), "--out-dir", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "no records" in result.stderr.replace("\n", "")  # console wraps

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dimoe.config.train import TimestepSpec
+from dimoe.diag.logs import DiagError
 from dimoe.diag.supervision import (
     diag_supervision,
     expected_zero_supervision,
@@ -116,3 +117,24 @@ def test_answer_lengths_from_jsonl_and_clear_errors(tmp_path: Path) -> None:
         read_answer_lengths(manifest)
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         read_answer_lengths(tmp_path / "nope")
+
+
+def test_diag_supervision_compare_without_train_log_and_bad_options(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"answer_length": 2}\n{"answer_length": 5}\n')
+    logs = tmp_path / "naive/logs"
+    logs.mkdir(parents=True)
+    (logs / "train_metrics.jsonl").write_text('{"step": 1, "zero_supervision_samples": 2, "samples": 8}\n')
+    summary = diag_supervision(manifest, tmp_path / "out", "band", compare=tmp_path / "naive")
+    assert summary["observed"]["this"] is None
+    assert summary["observed"]["other"]["run"] == "naive"
+    assert summary["observed"]["other"]["fraction"] == pytest.approx(0.25)
+    assert "D_zero_supervision_observed" not in summary["headline"]
+    assert [Path(p).name for p in summary["plots"]] == [
+        "no_supervision_vs_length.png",
+        "no_supervision_over_steps.png",
+    ]
+    with pytest.raises(DiagError, match="unknown views 'two'"):
+        diag_supervision(manifest, tmp_path / "out", views="two")
+    with pytest.raises(DiagError, match="unknown t sampler 'beta'.*logit_normal"):
+        diag_supervision(manifest, tmp_path / "out", "beta")

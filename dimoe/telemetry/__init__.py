@@ -1,0 +1,1 @@
+"""Telemetry shared by training and serving: the catalogue of Ray metrics (`dimoe.telemetry.catalogue`)."""
