@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@if [ -n "$(TORCH)" ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH) (CPU build)"; $(BIN)/python -m pip install --quiet "$(TORCH)"; fi
-	$(BIN)/python -m pip install --quiet -e ".[dev,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@# Prometheus for tests/dashboards/test_prometheus.py (Debian package); never fails setup.
 	@command -v prometheus >/dev/null 2>&1 || \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus || \

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,10 @@ from ray import serve
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
 from dimoe.data.tokenizer import train_tokenizer
+from dimoe.io import free_ports
 from dimoe.model.build import build_model, save_checkpoint
 from dimoe.serving.load import TABLE_FIELDS, format_table, run_serve_benchmark
-from dimoe.serving.server import start_server_background, worker_pythonpath
-
-ROOT = Path(__file__).resolve().parents[1]
+from dimoe.serving.server import start_server_background
 
 
 def tiny_checkpoint(out: Path) -> Path:
@@ -43,22 +41,17 @@ def tiny_checkpoint(out: Path) -> Path:
         for p in ("left", "right")
     ]
     tokenizer = train_tokenizer(texts, 512, out / "tokenizer")
-    model = build_model(load_config(ROOT / "configs/model/tiny.yaml", ModelConfig), tokenizer, seed=0)
+    model = build_model(load_config("configs/model/tiny.yaml", ModelConfig), tokenizer, seed=0)
     return save_checkpoint(model, tokenizer, out / "model")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_one(checkpoint: Path, max_batch_size: int, args: argparse.Namespace) -> dict[str, Any]:
     """Start the application with this batch size, drive the load, read the decoder's batch counts."""
+    http_port, grpc_port = free_ports(2)
     server = start_server_background(
         checkpoint,
-        http_port=free_port(),
-        grpc_port=free_port(),  # always a free one: the config's default (9000) may be taken
+        http_port=http_port,
+        grpc_port=grpc_port,  # always a free one: the config's default (9000) may be taken
         batching={"max_batch_size": max_batch_size, "batch_wait_timeout_s": args.batch_wait},
     )
     try:
@@ -96,12 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}},
-    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with TemporaryDirectory() as tmp:
             checkpoint = args.checkpoint or tiny_checkpoint(Path(tmp))

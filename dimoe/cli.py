@@ -277,8 +277,7 @@ def train_run(
     cfg = load_config(config, TrainConfig, set_ or [])
     if stage is not None and cfg.stage != stage:
         raise UserError(f"--stage {stage} does not match the stage of {config}: {cfg.stage!r}")
-    _connect_ray(address)
-    result = run_stage(cfg)
+    result = run_stage(cfg, address=address)
     print_json({"stage": result.stage, "final": str(result.final_dir), "logs": str(result.log_dir)})
 
 
@@ -296,8 +295,7 @@ def train_all(
     from dimoe.train.launcher import load_curriculum, run_curriculum
 
     configs = load_curriculum(config_dir, set_ or [])
-    _connect_ray(address)
-    results = run_curriculum(configs, stages=stages.split(",") if stages else None)
+    results = run_curriculum(configs, stages=stages.split(",") if stages else None, address=address)
     print_json([{"stage": r.stage, "final": str(r.final_dir)} for r in results])
 
 
@@ -387,16 +385,27 @@ def infer_benchmark(
         str, typer.Option(help="With --serve-url: comma-separated client counts.")
     ] = "1,8,32",
     requests: Annotated[int, typer.Option(help="With --serve-url: requests per concurrency level.")] = 200,
+    max_tokens: Annotated[int, typer.Option(help="With --serve-url: tokens each request asks for.")] = 16,
+    api_key: Annotated[
+        str | None, typer.Option(help="With --serve-url: bearer token (default: DIMOE_API_KEY).")
+    ] = None,
 ) -> None:
     """Offline: latency, tokens/s, NFE and NFE × active params of the strategy beside `llada`.
-    With --serve-url: a Ray actor drives load against the server and reports percentiles."""
+    With --serve-url: a Ray actor drives load against the server and reports percentiles; the exit
+    code is 1 when any request failed."""
     if serve_url is not None:
-        from dimoe.serving.load import run_serve_benchmark
+        from dimoe.serving.load import format_table, run_serve_benchmark
 
         levels = [int(c) for c in concurrency.split(",")]
-        report = run_serve_benchmark(serve_url, levels, requests, preset=preset)
+        report = run_serve_benchmark(
+            serve_url, levels, requests, preset=preset, max_tokens=max_tokens, api_key=api_key
+        )
         out.write_text(json.dumps(report, indent=2))
+        table = format_table({f"{lv['concurrency']} clients": lv for lv in report["levels"]})
+        console.print(table, markup=False, highlight=False)
         print_json(report)
+        if any(level["errors"] for level in report["levels"]):
+            raise typer.Exit(1)
         return
     if checkpoint is None or dataset_jsonl is None:
         raise UserError("give --checkpoint and --dataset-jsonl (offline benchmark) or --serve-url (server)")

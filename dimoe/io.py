@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,16 @@ def atomic_output_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         tmp.rename(out_dir)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports free on `host` right now, for servers started on this machine.
+    All are bound at once before any is released, so the OS cannot hand out the same port twice."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -220,26 +220,19 @@ def _serve(ctx: QuickstartContext) -> dict[str, Any]:
     """Start the Serve app, ask one image question over the OpenAI-compatible endpoint and one over
     gRPC, print both answers, shut down."""
     import base64
-    import importlib
-    import socket
 
     import grpc
     from openai import OpenAI
 
-    from dimoe.serving.load import GRPC_STUBS
+    from dimoe.io import free_ports
+    from dimoe.serving.proto import dimoe_pb2, dimoe_pb2_grpc
     from dimoe.serving.server import start_server_background
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
 
     row = json.loads((ctx.demo_dir / "eval" / "vqa_test.jsonl").read_text().splitlines()[0])
     answer_tokens = _eval_config(ctx).tasks[f"demo_vqa_{row['question_type']}"].gen_length
     image = (ctx.demo_dir / row["image"]).read_bytes()
-    server = start_server_background(
-        _final(ctx, "stage3_lownfe"), http_port=free_port(), grpc_port=free_port()
-    )
+    http_port, grpc_port = free_ports(2)
+    server = start_server_background(_final(ctx, "stage3_lownfe"), http_port=http_port, grpc_port=grpc_port)
     try:
         client = OpenAI(base_url=server.urls()["openai_base_url"], api_key="unused")
         url = "data:image/png;base64," + base64.b64encode(image).decode()
@@ -251,13 +244,11 @@ def _serve(ctx: QuickstartContext) -> dict[str, Any]:
             max_tokens=answer_tokens,
             extra_body={"preset": "fast"},
         )  # fmt: skip
-        pb2 = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2")
-        pb2_grpc = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2_grpc")
         with grpc.insecure_channel(server.grpc_target) as channel:
-            request = pb2.GenerateRequest(
+            request = dimoe_pb2.GenerateRequest(
                 prompt=row["question"], image=image, preset="fast", gen_length=answer_tokens
             )
-            answer = pb2_grpc.DiMoEStub(channel).Generate(request, timeout=120)
+            answer = dimoe_pb2_grpc.DiMoEStub(channel).Generate(request, timeout=120)
     finally:
         server.stop()
     result = {
@@ -286,11 +277,10 @@ STEPS = [
 def run_quickstart(
     root: str | Path = "artifacts", *, fast: bool = False, restart: bool = False
 ) -> dict[str, Any]:
-    import ray
+    from dimoe.io import ensure_ray
 
     ctx = QuickstartContext(Path(root), fast)
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 2, 2))
+    ensure_ray(num_cpus=max(os.cpu_count() or 2, 2))
     markers = ctx.root / "quickstart"
     markers.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

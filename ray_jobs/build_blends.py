@@ -1,4 +1,6 @@
-"""Build the seeded per-stage training blends on a running Ray cluster: the `dimoe data build-stage-blends` command, same flags and help.
+"""`dimoe data build-stage-blends` as a Ray job (same flags, same help).
+
+Build the seeded per-stage training blends.
 
     ray job submit --working-dir . -- python ray_jobs/build_blends.py \\
         --config configs/data/stage_blends.yaml [--set data_dir=artifacts/data/v1 ...]

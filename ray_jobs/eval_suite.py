@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a suite on a running Ray cluster: the `dimoe eval run` command, same flags and help.
+"""`dimoe eval run` as a Ray job (same flags, same help): evaluate a checkpoint on a suite.
 
     ray job submit --working-dir . -- python ray_jobs/eval_suite.py \\
         --config configs/eval/default.yaml --suite vqa --preset fast \\

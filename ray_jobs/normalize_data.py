@@ -1,4 +1,6 @@
-"""Normalize raw conversations + images into per-stage Parquet on a running Ray cluster: the `dimoe data normalize` command, same flags and help.
+"""`dimoe data normalize` as a Ray job (same flags, same help).
+
+Normalize raw conversations + images into per-stage Parquet.
 
     ray job submit --working-dir . -- python ray_jobs/normalize_data.py \\
         --in data/raw --out artifacts/data/v1 --tokenizer artifacts/tokenizer \\

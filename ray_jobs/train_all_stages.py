@@ -1,4 +1,6 @@
-"""Train the whole curriculum (stage0 → stage3, chained) on a running Ray cluster: the `dimoe train all` command, same flags and help.
+"""`dimoe train all` as a Ray job (same flags, same help).
+
+Train the whole curriculum (stage0 → stage3, chained).
 
     ray job submit --working-dir . -- python ray_jobs/train_all_stages.py --config-dir configs/train
 """

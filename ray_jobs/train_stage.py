@@ -1,4 +1,4 @@
-"""Train one curriculum stage on a running Ray cluster: the `dimoe train run` command, same flags and help.
+"""`dimoe train run` as a Ray job (same flags, same help): train one curriculum stage.
 
     ray job submit --working-dir . -- python ray_jobs/train_stage.py \\
         --stage stage2_full --config configs/train/stage2_full.yaml [--set KEY=VALUE ...]

@@ -1,4 +1,4 @@
-"""Run (or resume) the ablation grid on Ray Tune on a running Ray cluster: the `dimoe tune run` command, same flags and help.
+"""`dimoe tune run` as a Ray job (same flags, same help): run (or resume) the ablation grid on Ray Tune.
 
     ray job submit --working-dir . -- python ray_jobs/tune_ablations.py --config configs/tune/ablations.yaml
 """

@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import pytest
@@ -7,13 +6,7 @@ import torch
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
 from dimoe.data.tokenizer import train_tokenizer
-from dimoe.model.build import build_model
-
-# Shared test helpers (`tests.train.blends`, `tests.serve.support`) and the `serve` package import
-# from the project root, whichever way pytest was started.
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from dimoe.model.build import build_model, save_checkpoint
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
@@ -53,6 +46,14 @@ def small_spec(tiny_spec) -> ModelConfig:
     )
     small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_experts": 4}
     return tiny_spec.model_copy(update={**small, "moe_intermediate_size": 64, "vision": vision})
+
+
+@pytest.fixture(scope="session")
+def checkpoint(small_spec, tokenizer, tmp_path_factory) -> Path:
+    """The one saved checkpoint of the suite: `small_spec` (prefix attention, a vision tower), seed 0.
+    Tests that load a model from disk (eval, inference runs, serving, the packaged wheel) share it."""
+    model = build_model(small_spec, tokenizer, seed=0)
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("checkpoint"))
 
 
 @pytest.fixture

@@ -4,11 +4,16 @@ pydantic validation whose errors name the key path and the file.
 A config file may start with `base: other.yaml` (a path relative to the file, or a list of such
 paths); the base is loaded first and the file's keys are merged over it, mappings recursively,
 everything else replaced.
+
+The built-in configs ship inside the package (`dimoe/configs/`; the repository's `configs/` links
+to it), so a `configs/...` path that does not exist under the working directory resolves to the
+packaged copy: the defaults work from any directory and from an installed wheel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,13 +39,41 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+CONFIGS_DIR = "configs"
+
+
+def packaged_configs() -> Path:
+    """The built-in configs shipped as package data (what the repository's `configs/` links to)."""
+    # A wheel installs package data as plain files, so the resource is a real directory.
+    return Path(str(resources.files("dimoe") / CONFIGS_DIR))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The config file or folder `path` names: `path` itself when it exists (absolute, or relative
+    to the working directory); otherwise, for a relative `configs/...` path, the same file or folder
+    among the packaged configs (`configs/train/tiny` -> <dimoe>/configs/train/tiny). ConfigError,
+    naming every place looked in, when there is none."""
+    path = Path(path).expanduser()
+    if path.exists():
+        return path
+    if path.is_absolute() or path.parts[:1] != (CONFIGS_DIR,):
+        raise ConfigError(f"config not found: {path.absolute()}")
+    packaged = packaged_configs().joinpath(*path.parts[1:])
+    if packaged.exists():
+        return packaged
+    raise ConfigError(
+        f"config not found: {path} exists neither under the working directory ({Path.cwd()}) "
+        f"nor among the configs packaged with dimoe ({packaged})"
+    )
+
+
 def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read `path` and everything it inherits through `base:` into one mapping."""
-    path = Path(path).resolve()
+    path = resolve_config_path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: `base:` cycle through {' -> '.join(str(p) for p in _seen)}")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{path} is a folder; expected a config file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -99,7 +132,8 @@ def validate(data: dict[str, Any], schema: type[M], source: str) -> M:
 
 
 def load_config(path: str | Path | None, schema: type[M], overrides: Iterable[str] = ()) -> M:
-    """Load `path` (or the schema's defaults when None), apply overrides, validate."""
+    """Load `path` (or the schema's defaults when None; see `resolve_config_path` for where a
+    relative path is looked up), apply overrides, validate."""
     data = read_yaml_tree(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     return validate(data, schema, str(path) if path is not None else f"<{schema.__name__} defaults>")

@@ -3,8 +3,8 @@
     config = load_serve_config("configs/serve/default.yaml", ["batching.max_batch_size=32"],
                                checkpoint="artifacts/train/stage3_lownfe/final")
 
-The same keys are the `args:` of `serve.app:build_app` in `serve/serve_config.yaml` (there the
-ports come from Serve's own `http_options` / `grpc_options`, which are cluster-wide).
+The same keys are the `args:` of `dimoe.serving.app:build_app` in `serve/serve_config.yaml`
+(there the ports come from Serve's own `http_options` / `grpc_options`, which are cluster-wide).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The decoder's work, without Ray: check a job, decode a batch of jobs, stream one job.
 
-`serve/decoder.py` wraps this in a Serve deployment (batching, metrics); keeping the
-engine calls here makes them testable without a cluster.
+`dimoe.serving.decoder_deployment` wraps this in a Serve deployment (batching, metrics); keeping
+the engine calls here makes them testable without a cluster.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ server in the cluster; `use_ray=False` runs it in this process.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 import ray
 
 from dimoe.serving.http import resolve_api_key
-from dimoe.serving.server import GRPC_STUBS, worker_pythonpath
 
 PROMPTS = (
     "What colour is the square?",
@@ -114,8 +112,9 @@ class LoadDriver:
     async def _grpc(self, concurrency: int, requests: int, warmup: int) -> dict[str, Any]:
         import grpc
 
-        pb2 = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2")
-        pb2_grpc = importlib.import_module(f"{GRPC_STUBS}.dimoe_pb2_grpc")
+        from dimoe.serving.proto import dimoe_pb2 as pb2
+        from dimoe.serving.proto import dimoe_pb2_grpc as pb2_grpc
+
         metadata = [("authorization", f"Bearer {self.api_key}")] if self.api_key else None
         async with grpc.aio.insecure_channel(self.url.removeprefix("grpc://")) as channel:
             stub = pb2_grpc.DiMoEStub(channel)
@@ -222,8 +221,7 @@ def run_serve_benchmark(
     if use_ray:
         owns_ray = not ray.is_initialized()
         if owns_ray:
-            # The actor imports the gRPC stubs from the project directory.
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}}, include_dashboard=False)
+            ray.init(include_dashboard=False)
         try:
             # No CPU reserved: the driver waits on sockets, and the server's replicas need the cores.
             driver = ray.remote(num_cpus=0)(LoadDriver).remote(url, **options)

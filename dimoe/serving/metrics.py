@@ -24,7 +24,7 @@ class IngressMetrics:
 
 
 class DecoderMetrics:
-    """Recorded by the decoder deployment (`serve/decoder.py`)."""
+    """Recorded by the decoder deployment (`dimoe.serving.decoder_deployment`)."""
 
     def __init__(self) -> None:
         self.batch_size = catalogue.BATCH_SIZE.create()

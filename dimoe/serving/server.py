@@ -1,20 +1,17 @@
-"""Start the Ray Serve application of `serve/` (docs/design.md §6) from Python or the CLI.
+"""Start the Ray Serve application of `dimoe.serving.app` (docs/design.md §6) from Python or the CLI.
 
     server = start_server_background("artifacts/train/stage3_lownfe/final", http_port=8000)
     print(server.http_url)   # http://127.0.0.1:8000 — OpenAI clients use base_url=server.http_url + "/v1"
     server.stop()
 
-`start_server` is the blocking form behind `dimoe infer serve`. Both build the application through
-its import path, `serve.app:build_app`, exactly as `serve run serve/serve_config.yaml` does, so
-there is one way to assemble it (and the library does not import the `serve/` shell).
+`start_server` is the blocking form behind `dimoe infer serve`. Both deploy the application that
+`dimoe.serving.app:build_app` (the import path of `serve run serve/serve_config.yaml`) builds, so
+there is one way to assemble it.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,87 +22,12 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from dimoe.config.infer import InferConfig
-from dimoe.config.loader import load_config
 from dimoe.config.serve import ServeConfig, load_serve_config
-from dimoe.serving.http import api_key_digest
+from dimoe.serving.app import application
+from dimoe.serving.proto.dimoe_pb2_grpc import add_DiMoEServicer_to_server
 
-APP_BUILDER = "serve.app:build_app"
-GRPC_STUBS = "serve.proto"
-GRPC_SERVICER = f"{GRPC_STUBS}.dimoe_pb2_grpc.add_DiMoEServicer_to_server"
-# The directory holding `serve/`: the driver imports the application builder from it, Serve's proxy
-# the gRPC servicer, the benchmark actor the gRPC stubs.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass(frozen=True)
-class DeploymentPlan:
-    """Options and constructor arguments of the two deployments."""
-
-    decoder_options: dict[str, Any]
-    decoder_args: dict[str, Any]
-    ingress_options: dict[str, Any]
-    ingress_args: dict[str, Any]
-
-
-def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
-    """The `args:` of `serve.app:build_app`: ServeConfig keys, plus optionally `config` (a
-    configs/serve/*.yaml the keys override) and `set` (a list of `a.b=value` overrides)."""
-    fields = dict(args)
-    path = fields.pop("config", None)
-    overrides = fields.pop("set", None) or []
-    return load_serve_config(path, overrides, **fields)
-
-
-def deployment_plan(config: ServeConfig) -> DeploymentPlan:
-    """Check the checkpoint and the infer config here, on the driver, so that a mistake is one clear
-    error instead of replicas failing to start; paths are made absolute for the replicas."""
-    if config.checkpoint is None:
-        raise ValueError(
-            "no checkpoint to serve: pass --checkpoint DIR or set `checkpoint` in the serve config"
-        )
-    checkpoint = Path(config.checkpoint).expanduser().resolve()
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint} has no config.json")
-    infer = load_config(config.infer_config, InferConfig)
-    decoder, batching = config.decoder, config.batching
-    decoder_options: dict[str, Any] = {
-        "max_ongoing_requests": config.decoder_max_ongoing_requests,
-        "max_queued_requests": decoder.max_queued_requests,
-        "ray_actor_options": {"num_cpus": decoder.num_cpus},
-    }
-    if decoder.autoscaling is not None:
-        scaling = decoder.autoscaling
-        decoder_options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests or batching.max_batch_size,
-        }
-    else:
-        decoder_options["num_replicas"] = decoder.num_replicas
-    ingress = config.ingress
-    return DeploymentPlan(
-        decoder_options=decoder_options,
-        decoder_args={
-            "checkpoint": str(checkpoint),
-            "infer_config": infer.model_dump(),
-            "max_batch_size": batching.max_batch_size,
-            "batch_wait_timeout_s": batching.batch_wait_timeout_s,
-            "torch_threads": decoder.torch_threads or max(1, int(decoder.num_cpus)),
-            "device": decoder.device,
-        },
-        ingress_options={
-            "num_replicas": ingress.num_replicas,
-            "max_ongoing_requests": ingress.max_ongoing_requests,
-            "max_queued_requests": ingress.max_queued_requests,
-            "ray_actor_options": {"num_cpus": ingress.num_cpus},
-        },
-        ingress_args={
-            "model_name": config.model_name,
-            "limits": config.limits.model_dump(),
-            "api_key_sha256": api_key_digest(config.api_key),
-        },
-    )
+# Serve's proxy imports the servicer function by name, in its own process.
+GRPC_SERVICER = f"{add_DiMoEServicer_to_server.__module__}.{add_DiMoEServicer_to_server.__name__}"
 
 
 @dataclass
@@ -162,20 +84,16 @@ def start_server_background(
         api_key=api_key,
         **fields,
     )
-    deployment_plan(cfg)  # a bad checkpoint or infer config fails here, before anything starts
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
+    app = application(cfg)  # a bad checkpoint or infer config fails here, before anything starts
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+        ray.init()
     grpc_options = None
     if cfg.grpc_port is not None:
         grpc_options = gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
     try:
         serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port), grpc_options=grpc_options)
-        module, _, name = APP_BUILDER.partition(":")
-        build_app = getattr(importlib.import_module(module), name)
-        serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/", blocking=False)
+        serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
     except BaseException:
         if owns_ray:
             ray.shutdown()
@@ -203,9 +121,3 @@ def start_server(checkpoint: str | Path | None = None, **kwargs: Any) -> None:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-def worker_pythonpath() -> str:
-    """PYTHONPATH for the Ray workers of a cluster this process starts: the project first."""
-    existing = os.environ.get("PYTHONPATH")
-    return os.pathsep.join([str(PROJECT_ROOT), *([existing] if existing else [])])

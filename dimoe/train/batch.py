@@ -81,7 +81,8 @@ def collate(
     processor: ImageProcessor | None,
 ) -> TrainBatch:
     """`rows` is a column batch as Ray Data yields it (`input_ids`, `prompt_length`, `image`)."""
-    sequences = [np.asarray(ids, dtype=np.int64) for ids in rows["input_ids"]]
+    # np.array copies: Ray Data hands out read-only arrays, which torch.from_numpy warns about.
+    sequences = [np.array(ids, dtype=np.int64) for ids in rows["input_ids"]]
     prompt_lengths = [int(n) for n in rows["prompt_length"]]
     answers = [seq[p:] for seq, p in zip(sequences, prompt_lengths, strict=True)]
     windows = [max(response_length, len(a)) for a in answers]  # each row's answer + EOS padding

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -82,25 +83,49 @@ def validate_before_launch(cfg: TrainConfig) -> None:
         )
 
 
-def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
-    """Train one stage on Ray Train; `callbacks` are Ray Train callbacks (e.g. Tune's reporter)."""
-    import ray
+def run_stage(
+    cfg: TrainConfig,
+    callbacks: list | None = None,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Train one stage on Ray Train; `callbacks` are Ray Train callbacks (e.g. Tune's reporter).
+
+    Ray is joined or started through `dimoe.io.ensure_ray(address)` unless this process already
+    did (`address` None: RAY_ADDRESS, else a local cluster). `progress` shows the stage's steps
+    and loss on the driver (a bar on a terminal, occasional lines otherwise; see `progress.py`)."""
+    from dimoe.io import ensure_ray
+    from dimoe.train.progress import StageWatch
+
+    cfg = resolve_paths(cfg)
+    validate_before_launch(cfg)
+    ensure_ray(address)
+    stage_dir = Path(cfg.output_dir) / cfg.stage
+    trainer = _torch_trainer(cfg, stage_dir, callbacks)
+    with StageWatch(stage_dir / "logs", cfg.stage, cfg.max_steps, enabled=progress) as watch:
+        metrics = trainer.fit().metrics or {}
+        watch.finish(metrics)
+    return StageResult(cfg.stage, stage_dir / "final", stage_dir / "logs", stage_dir / "checkpoints", metrics)
+
+
+def _torch_trainer(cfg: TrainConfig, stage_dir: Path, callbacks: list | None) -> Any:
+    """A TorchTrainer of `train_loop_per_worker` over the stage's blend, checkpointing under
+    `stage_dir/checkpoints` (a fixed run name: re-running the same command resumes, Train V2)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dimoe.train.loop import train_loop_per_worker
 
-    cfg = resolve_paths(cfg)
-    validate_before_launch(cfg)
-    if not ray.is_initialized():
-        ray.init()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    stage_dir = Path(cfg.output_dir) / cfg.stage
-    dataset = ray.data.read_parquet(
-        str(blend_dir(cfg)), columns=["input_ids", "prompt_length", "image"], file_extensions=["parquet"]
+    dataset = ray.data.read_parquet(str(blend_dir(cfg)), file_extensions=["parquet"]).select_columns(
+        ["input_ids", "prompt_length", "image"]
     )
-    trainer = TorchTrainer(
+    # Ray Data's own bars follow the streaming split that feeds the workers for the whole stage: they
+    # tell nothing the stage's progress does not, and leave debris in logs that are not a terminal.
+    dataset.context.enable_progress_bars = False
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
         scaling_config=ScalingConfig(
@@ -110,22 +135,21 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
         ),
         run_config=RunConfig(
             storage_path=str(stage_dir),
-            name="checkpoints",  # fixed name: re-running the same command resumes (Train V2)
+            name="checkpoints",
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks or None,
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
-    return StageResult(
-        cfg.stage, stage_dir / "final", stage_dir / "logs", stage_dir / "checkpoints", result.metrics or {}
-    )
 
 
 def load_curriculum(config_dir: str | Path, overrides: list[str] = ()) -> list[TrainConfig]:
-    from dimoe.config.loader import load_config
+    """The four stage configs of a curriculum folder (`configs/train/tiny` resolves to the packaged
+    copy when the working directory has no such folder)."""
+    from dimoe.config.loader import load_config, resolve_config_path
 
+    config_dir = resolve_config_path(config_dir)
     paths = [Path(config_dir) / f"{stage}.yaml" for stage in STAGE_ORDER]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -133,9 +157,16 @@ def load_curriculum(config_dir: str | Path, overrides: list[str] = ()) -> list[T
     return [load_config(p, TrainConfig, overrides) for p in paths]
 
 
-def run_curriculum(configs: list[TrainConfig], *, stages: list[str] | None = None) -> list[StageResult]:
+def run_curriculum(
+    configs: list[TrainConfig],
+    *,
+    stages: list[str] | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> list[StageResult]:
     """Train stages in order, each starting from the previous stage's final checkpoint; a stage
-    whose final checkpoint already exists is skipped, so an interrupted chain continues."""
+    whose final checkpoint already exists is skipped, so an interrupted chain continues.
+    `address` and `progress` are passed to `run_stage`."""
     results = []
     previous: Path | None = None
     for cfg in configs:
@@ -150,6 +181,6 @@ def run_curriculum(configs: list[TrainConfig], *, stages: list[str] | None = Non
                 StageResult(cfg.stage, final, final.parent / "logs", final.parent / "checkpoints", {})
             )
         else:
-            results.append(run_stage(cfg))
+            results.append(run_stage(cfg, address=address, progress=progress))
         previous = results[-1].final_dir
     return results

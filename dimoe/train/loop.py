@@ -1,13 +1,25 @@
 """The Ray Train worker loop: DeepSpeed engine, Ray Data shard, DMAR + EBCMC objective,
 checkpoints reported through `ray.train.report`, resume from the latest one, HF export at the end.
+
+Every worker runs `train_loop_per_worker`, which reads as the run goes:
+
+    Trainer(cfg)       setup: model, DeepSpeed engine (ZeRO from the config), routing prior, inputs
+    trainer.resume()   the latest checkpoint Ray Train hands back after a failure or a re-run
+    trainer.train()    per batch: inject_failure_if_due → train_step (forward + objective, backward,
+                       optimizer) → StepLog.write (rank 0) → save_checkpoint
+    trainer.export()   the final weights in HF format
+
+Checkpoint layout (under `<output_dir>/<stage>/checkpoints/`, managed by Ray Train): DeepSpeed's
+own files under the tag `ds`, and `trainer_state.json` with the step and the routing prior's EMA.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +27,36 @@ import numpy as np
 import torch
 
 from dimoe.config.train import GROUPS, TrainConfig
+from dimoe.io import read_json, write_json
+from dimoe.train.batch import TrainBatch, collate, length_grouped
+from dimoe.train.objective import StepOutput, training_step
 from dimoe.train.schedule import lr_multiplier
+from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
+
+# Not `print`: Ray Train replaces `print` in its workers with a copy to the worker's stdout plus a
+# record for the root logger, whose console handler writes it to stderr, so every printed line
+# reached the driver twice. A log record is written once (and also lands in Ray Train's app log).
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss: the run stops instead of corrupting the checkpoints."""
 
 
-def load_initial_model(cfg: TrainConfig):
-    """The model and tokenizer this stage starts from: `init_from` or a fresh init."""
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=...)`)."""
+    trainer = Trainer(TrainConfig.model_validate(config))
+    trainer.resume()
+    trainer.train()
+    trainer.export()
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def load_initial_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+    """The model (in train mode) and tokenizer this stage starts from: `init_from` or a fresh init."""
     from dimoe.config.loader import load_config
     from dimoe.config.model import ModelConfig
     from dimoe.data.tokenizer import load_tokenizer
@@ -39,7 +69,7 @@ def load_initial_model(cfg: TrainConfig):
     return build_model(load_config(cfg.model, ModelConfig), tokenizer, seed=cfg.seed).train(), tokenizer
 
 
-def optimizer_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One optimizer group per trained parameter group; frozen groups get requires_grad=False and
     are left out of the optimizer entirely (no Adam state)."""
     groups = []
@@ -53,6 +83,7 @@ def optimizer_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a stage, with `deepspeed.extra` merged over it (dicts key by key)."""
     base_lr = max((cfg.group(g).lr for g in GROUPS if cfg.group(g).train), default=1e-4)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -79,159 +110,221 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return ds
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+    """The DeepSpeed engine: per-group learning rates, each scaled by the stage's LR schedule."""
     import deepspeed  # imported in the worker: importing it on the driver can fail on some installs
-    import ray.train
-    from deepspeed.utils import safe_get_full_grad
 
-    from dimoe.diffusion import RouterPriorEMA
-    from dimoe.model.processor import ImageProcessor
-    from dimoe.train.batch import collate, length_grouped
-    from dimoe.train.objective import training_step
-    from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
-
-    cfg = TrainConfig.model_validate(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    stage_dir = Path(cfg.output_dir) / cfg.stage
-    torch.manual_seed(cfg.seed)
-
-    model, tokenizer = load_initial_model(cfg)
-    groups = optimizer_groups(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=groups,
+        model_parameters=optimizer_groups(model, cfg),
         config=deepspeed_config(cfg),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg)),
     )
-    config_hf = engine.module.config
-    prior = RouterPriorEMA(config_hf.num_hidden_layers, config_hf.num_experts, cfg.losses.prior_momentum)
+    return engine
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+
+class Trainer:
+    """One worker's share of a stage; the methods appear in the order the run calls them."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        import ray.train
+
+        from dimoe.diffusion import RouterPriorEMA
+        from dimoe.model.processor import ImageProcessor
+
+        context = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.stage_dir = Path(cfg.output_dir) / cfg.stage
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = load_initial_model(cfg)
+        self.engine = build_engine(cfg, model)
+        hf = self.model_config = self.engine.module.config
+        self.prior = RouterPriorEMA(hf.num_hidden_layers, hf.num_experts, cfg.losses.prior_momentum)
+        self.processor = ImageProcessor(hf.image_size) if hf.vision_config else None
+        self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        # A text-only batch still runs the tower on this image (with weight 0): see `training_step`.
+        self.blank_image = None
+        if self.processor is not None:
+            size = (1, 3, hf.image_size, hf.image_size)
+            self.blank_image = torch.zeros(size, dtype=self.dtype, device=self.engine.device)
+        self.shard = ray.train.get_dataset_shard("train")
+        self.step = self.last_checkpoint_step = 0
+
+    # -- resume ----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the checkpoint Ray Train hands back (after a worker failure, or when the
+        same command runs again: the run's storage path is fixed), if there is one."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
         with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=DS_TAG)
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-        step = state["step"]
-        prior.load_state_dict({k: torch.tensor(v) for k, v in state["prior"].items()})
-        print(f"[rank {rank}] resumed {cfg.stage} from step {step}")
+            self.engine.load_checkpoint(directory, tag=DS_TAG)
+            state = read_json(Path(directory) / STATE_FILE)
+        self.step = self.last_checkpoint_step = state["step"]
+        self.prior.load_state_dict({k: torch.tensor(v) for k, v in state["prior"].items()})
+        if self.rank == 0:
+            log.info("[%s] resumed from step %d", self.cfg.stage, self.step)
 
-    logger = JsonlLogger(stage_dir / "logs") if rank == 0 else None
-    gauges = RoutingGauges(cfg.stage) if rank == 0 else None
-    processor = ImageProcessor(config_hf.image_size) if config_hf.vision_config else None
-    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-    blank_image = (
-        torch.zeros(1, 3, config_hf.image_size, config_hf.image_size, dtype=dtype, device=engine.device)
-        if processor is not None
-        else None
-    )
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7919 + step)
-    shard = ray.train.get_dataset_shard("train")
-    device = engine.device
-    last_checkpoint_step = step
-
-    def save(metrics: dict[str, float]) -> None:
-        nonlocal last_checkpoint_step
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
-            state = {"step": step, "prior": {k: v.tolist() for k, v in prior.state_dict().items()}}
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-            torch.distributed.barrier() if world > 1 else None
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        last_checkpoint_step = step
-
-    window_start, window_tokens = time.perf_counter(), 0.0
-    metrics: dict[str, float] = {}
-    while step < cfg.max_steps:
-        groups = shard.iter_batches(
-            batch_size=cfg.batch_size * cfg.data.group_by_length,
-            batch_format="numpy",
-            drop_last=False,  # length_grouped drops only the last partial batch
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + step if cfg.data.shuffle_buffer else None,
-        )
-        order_rng = np.random.default_rng([cfg.seed, rank, step])  # batch order of this pass
-        for rows in length_grouped(groups, cfg.batch_size, order_rng, cfg.data.length_bucket):
-            if step >= cfg.max_steps:
-                break
-            if cfg.inject_failure_at_step == step and rank == 0:
-                marker = stage_dir / ".injected_failure"
-                if not marker.exists():
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(str(step))
-                    raise RuntimeError(f"injected worker failure at step {step} (testing fault tolerance)")
-            batch = collate(
-                rows,
-                pad_id=tokenizer.pad_token_id,
-                eos_id=tokenizer.eos_token_id,
-                image_id=config_hf.image_token_id,
-                response_length=cfg.data.response_length,
-                processor=processor,
-            ).to(device)
-            batch.pixel_values = batch.pixel_values.to(dtype)
-            logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-            out = training_step(
-                engine,
-                cfg,
-                batch,
-                generator,
-                prior,
-                mask_token_id=config_hf.mask_token_id,
-                encode_images=engine.module.encode_images,
-                collect_routing=logging and rank == 0,
-                blank_image=blank_image,
-            )
-            if not math.isfinite(out.metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"{cfg.stage}: non-finite loss ({out.metrics['loss']}) at step {step + 1}; "
-                    f"last good checkpoint is step {last_checkpoint_step} under {stage_dir / 'checkpoints'}. "
-                    "Lower the learning rate or check the data, then re-run the same command to resume."
-                )
-            engine.backward(out.loss)
-            grads = gradient_stats(engine.module, safe_get_full_grad) if logging else None
-            engine.step()
-            step += 1
-            window_tokens += out.metrics["tokens"] * world
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Step until `max_steps`; checkpoint every `checkpoint.every_steps` and at the end."""
+        cfg = self.cfg
+        # Seeded with the resume step, so a resumed run does not replay the masks it already drew.
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank * 7919 + self.step)
+        step_log = StepLog(cfg, self.stage_dir / "logs") if self.rank == 0 else None
+        metrics: dict[str, float] = {}
+        for rows in self.batches():
+            self.inject_failure_if_due()
+            log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+            out, grads = self.train_step(rows, log_step)
             metrics = out.metrics
-            if logging and logger is not None:
-                elapsed = time.perf_counter() - window_start
-                lrs = {g["name"]: g["lr"] for g in engine.optimizer.param_groups if "name" in g}
-                record = {
-                    "step": step,
-                    **metrics,
-                    "lr": lrs,
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    "supervised_token_fraction": metrics["masked_tokens"]
-                    / max(metrics["eligible_tokens"], 1),
-                }
-                logger.write("train_metrics", record)
-                logger.write(
-                    "routing_stats", {"step": step, "num_buckets": cfg.diffusion.num_t_buckets, **out.routing}
-                )
-                logger.write("gradient_stats", {"step": step, **grads})
-                gauges.publish(metrics, out.routing)
-                print(
-                    f"[{cfg.stage}] step {step}/{cfg.max_steps} loss {metrics['loss']:.4f} "
-                    f"({record['tokens_per_s']:.0f} tok/s)",
-                    flush=True,
-                )
-                window_start, window_tokens = time.perf_counter(), 0.0
-            if step % cfg.checkpoint.every_steps == 0 and step < cfg.max_steps:
-                save(metrics)
-    save(metrics)
-    export_final(engine, tokenizer, stage_dir / "final", rank, cfg.deepspeed.zero_stage)
+            if step_log is not None:
+                step_log.count_tokens(metrics["tokens"] * self.world)
+                if log_step:
+                    step_log.write(self.step, out, grads, self.engine)
+            if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint(metrics)
+        self.save_checkpoint(metrics)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """This worker's rows, one batch at a time, pass after pass over its shard until `max_steps`.
+        Each pass is shuffled and length-grouped with seeds of its starting step (reproducible
+        after a resume)."""
+        cfg = self.cfg
+        while self.step < cfg.max_steps:
+            groups = self.shard.iter_batches(
+                batch_size=cfg.batch_size * cfg.data.group_by_length,
+                batch_format="numpy",
+                drop_last=False,  # length_grouped drops only the last partial batch
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=cfg.seed + self.step if cfg.data.shuffle_buffer else None,
+            )
+            order_rng = np.random.default_rng([cfg.seed, self.rank, self.step])  # batch order of this pass
+            for rows in length_grouped(groups, cfg.batch_size, order_rng, cfg.data.length_bucket):
+                if self.step >= cfg.max_steps:
+                    return
+                yield rows
+
+    def inject_failure_if_due(self) -> None:
+        """Testing fault tolerance: rank 0 raises once at `inject_failure_at_step`; the marker file
+        keeps the retry, which resumes from an earlier checkpoint, from raising again."""
+        if self.cfg.inject_failure_at_step != self.step or self.rank != 0:
+            return
+        marker = self.stage_dir / ".injected_failure"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(self.step))
+            raise RuntimeError(f"injected worker failure at step {self.step} (testing fault tolerance)")
+
+    def train_step(self, rows: dict[str, np.ndarray], log_step: bool) -> tuple[StepOutput, dict | None]:
+        """Forward and objective, backward, optimizer step (DeepSpeed clips, reduces the gradients
+        across workers and steps the LR schedule). Returns the step's output and, at a log step,
+        the gradient norms by component."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = training_step(
+            self.engine,
+            self.cfg,
+            self.to_batch(rows),
+            self.generator,
+            self.prior,
+            mask_token_id=self.model_config.mask_token_id,
+            encode_images=self.engine.module.encode_images,
+            collect_routing=log_step and self.rank == 0,
+            blank_image=self.blank_image,
+        )
+        self.check_finite(out.metrics["loss"])
+        self.engine.backward(out.loss)
+        # Between backward and step, which clears the gradients; on every rank (ZeRO-3 gathers).
+        grads = gradient_stats(self.engine.module, safe_get_full_grad) if log_step else None
+        self.engine.step()
+        self.step += 1
+        return out, grads
+
+    def to_batch(self, rows: dict[str, np.ndarray]) -> TrainBatch:
+        batch = collate(
+            rows,
+            pad_id=self.tokenizer.pad_token_id,
+            eos_id=self.tokenizer.eos_token_id,
+            image_id=self.model_config.image_token_id,
+            response_length=self.cfg.data.response_length,
+            processor=self.processor,
+        ).to(self.engine.device)
+        batch.pixel_values = batch.pixel_values.to(self.dtype)
+        return batch
+
+    def check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{self.cfg.stage}: non-finite loss ({loss}) at step {self.step + 1}; last good checkpoint "
+                f"is step {self.last_checkpoint_step} under {self.stage_dir / 'checkpoints'}. "
+                "Lower the learning rate or check the data, then re-run the same command to resume."
+            )
+
+    # -- checkpoint and export -------------------------------------------------------------------
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Every rank writes its DeepSpeed shard into a temporary directory that Ray Train copies
+        into the run's storage; `metrics` (with the step) become the report's metrics."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag=DS_TAG)
+            prior = {k: v.tolist() for k, v in self.prior.state_dict().items()}
+            write_json(Path(tmp) / STATE_FILE, {"step": self.step, "prior": prior}, indent=None)
+            if self.world > 1:
+                torch.distributed.barrier()
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "step": self.step}, checkpoint=checkpoint)
+        self.last_checkpoint_step = self.step
+
+    def export(self) -> None:
+        """HF-format export (config.json, model.safetensors, tokenizer) of the final weights."""
+        import deepspeed
+
+        from dimoe.model.build import save_checkpoint
+
+        params = list(self.engine.module.parameters())
+        # Under ZeRO-3 the weights are partitioned: gather them on every rank, save on rank 0.
+        zero3 = self.cfg.deepspeed.zero_stage == 3
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+            if self.rank == 0:
+                save_checkpoint(self.engine.module, self.tokenizer, self.stage_dir / "final")
 
 
-def export_final(engine, tokenizer, out_dir: Path, rank: int, zero_stage: int) -> None:
-    """HF-format export (config.json, model.safetensors, tokenizer) of the final weights."""
-    import deepspeed
+class StepLog:
+    """Rank 0's record of a log step: the three JSON-lines logs that `dimoe diag` reads, the Ray
+    gauges, and one line for a person. Throughput covers the window since the previous log step."""
 
-    from dimoe.model.build import save_checkpoint
+    def __init__(self, cfg: TrainConfig, log_dir: Path) -> None:
+        self.cfg = cfg
+        self.files = JsonlLogger(log_dir)
+        self.gauges = RoutingGauges(cfg.stage)
+        self.window_start, self.window_tokens = time.perf_counter(), 0.0
 
-    params = list(engine.module.parameters())
-    # Under ZeRO-3 the weights are partitioned: gather them on every rank, save on rank 0.
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
-        if rank == 0:
-            save_checkpoint(engine.module, tokenizer, out_dir)
+    def count_tokens(self, tokens: float) -> None:
+        self.window_tokens += tokens
+
+    def write(self, step: int, out: StepOutput, grads: dict[str, Any] | None, engine: Any) -> None:
+        metrics = out.metrics
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "step": step,
+            **metrics,
+            "lr": {g["name"]: g["lr"] for g in engine.optimizer.param_groups if "name" in g},
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": self.window_tokens / max(elapsed, 1e-9),
+            "supervised_token_fraction": metrics["masked_tokens"] / max(metrics["eligible_tokens"], 1),
+        }
+        self.files.write("train_metrics", record)
+        routing = {"step": step, "num_buckets": self.cfg.diffusion.num_t_buckets, **out.routing}
+        self.files.write("routing_stats", routing)
+        self.files.write("gradient_stats", {"step": step, **grads})
+        self.gauges.publish(metrics, out.routing)
+        log.info(
+            "[%s] step %d/%d loss %.4f (%.0f tok/s)",
+            self.cfg.stage, step, self.cfg.max_steps, metrics["loss"], record["tokens_per_s"],
+        )  # fmt: skip
+        self.window_start, self.window_tokens = time.perf_counter(), 0.0

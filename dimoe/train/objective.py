@@ -7,13 +7,15 @@ unit-tested without Ray or DeepSpeed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dimoe.config.train import TrainConfig
 from dimoe.diffusion import (
+    LossOutput,
     NoisedBatch,
     RouterPriorEMA,
     cap_confidence_loss,
@@ -30,6 +32,9 @@ from dimoe.diffusion import (
     view_consistency_loss,
 )
 from dimoe.train.batch import MODALITIES, TrainBatch
+
+if TYPE_CHECKING:
+    from dimoe.model.modeling import DiMoEOutput
 
 
 @dataclass
@@ -67,7 +72,7 @@ def training_step(
     prior: RouterPriorEMA | None,
     *,
     mask_token_id: int,
-    encode_images: Any,
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
     collect_routing: bool = False,
     blank_image: torch.Tensor | None = None,
 ) -> StepOutput:
@@ -79,32 +84,13 @@ def training_step(
     without images: data-parallel ranks reduce gradients bucket by bucket in lockstep, so every
     rank's backward must reach the vision parameters even when its batch is text only."""
     noised = make_views(cfg, batch, mask_token_id, generator)
-    views = noised.num_views
-    real = batch.attention_mask
     features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
-    out = model(
-        noised.noisy_ids,
-        real.repeat(views, 1).long(),
-        prefix_mask=batch.prefix_mask.repeat(views, 1),
-        image_features=torch.cat([features] * views) if features is not None else None,
-    )
-    targets = batch.input_ids.repeat(views, 1)
+    out = _forward_views(model, batch, noised, features)
+    visible = noised.visible(batch.attention_mask)
     losses = cfg.losses
-    token_weight, answer_lengths = _eos_padding_weights(cfg, batch, noised)
-    diff = masked_diffusion_loss(
-        out.logits, targets, noised.masked, noised.p,
-        loss_weight=cfg.diffusion.loss_weight, loss_norm=cfg.diffusion.loss_norm,
-        answer_lengths=answer_lengths, token_weight=token_weight,
-    )  # fmt: skip
-    visible = noised.visible(real)
-    k = cfg.diffusion.num_t_buckets
-    if losses.stratified_balance:
-        balance = stratified_balance_loss(out.router_probs, out.router_topk, visible, noised.bucket, k)
-    else:  # one global bucket: the ordinary Switch loss of the naive baseline
-        balance = stratified_balance_loss(
-            out.router_probs, out.router_topk, visible, torch.zeros_like(noised.bucket), 1
-        )
-    z = router_z_loss(out.router_logits, real.repeat(views, 1))
+    diff = _diffusion_loss(cfg, batch, noised, out)
+    balance = _balance_loss(cfg, out, noised, visible)
+    z = router_z_loss(out.router_logits, batch.attention_mask.repeat(noised.num_views, 1))
     total = diff.value + losses.lambda_bal * balance.value + losses.lambda_z * z.value
     if features is None and blank_image is not None:
         total = total + 0.0 * encode_images(blank_image).sum()
@@ -112,39 +98,99 @@ def training_step(
         "loss_diffusion": diff.value.item(),
         "loss_bal": balance.value.item(),
         "loss_z": z.value.item(),
-        "masked_tokens": float(diff.stats["masked_tokens"]),
-        "eligible_tokens": float(noised.eligible.sum()),
-        "zero_supervision_samples": float(_zero_supervision_samples(noised)),
-        "samples": float(batch.input_ids.shape[0]),
-        "tokens": float(real.sum() * views),
-        "t_mean": noised.t.mean().item(),
+        **_supervision_counts(batch, noised, diff),
     }
+    extra, consistency = _optional_terms(cfg, batch, noised, out, visible, prior)
+    for name, (weight, term) in extra.items():
+        metrics[name] = term.value.item()
+        if weight > 0:  # the consistency term is logged with two views even when it is not trained
+            total = total + weight * term.value
+    metrics["loss"] = total.item()
+    routing = {}
+    if collect_routing:
+        routing = _routing_stats(out, noised, batch, visible, cfg.diffusion.num_t_buckets, consistency)
+    return StepOutput(total, metrics, routing)
+
+
+def _forward_views(
+    model: torch.nn.Module, batch: TrainBatch, noised: NoisedBatch, features: torch.Tensor | None
+) -> DiMoEOutput:
+    """One model call on all views stacked along the batch; the image features are shared."""
+    views = noised.num_views
+    return model(
+        noised.noisy_ids,
+        batch.attention_mask.repeat(views, 1).long(),
+        prefix_mask=batch.prefix_mask.repeat(views, 1),
+        image_features=torch.cat([features] * views) if features is not None else None,
+    )
+
+
+def _diffusion_loss(cfg: TrainConfig, batch: TrainBatch, noised: NoisedBatch, out: DiMoEOutput) -> LossOutput:
+    token_weight, answer_lengths = _eos_padding_weights(cfg, batch, noised)
+    return masked_diffusion_loss(
+        out.logits, batch.input_ids.repeat(noised.num_views, 1), noised.masked, noised.p,
+        loss_weight=cfg.diffusion.loss_weight, loss_norm=cfg.diffusion.loss_norm,
+        answer_lengths=answer_lengths, token_weight=token_weight,
+    )  # fmt: skip
+
+
+def _balance_loss(
+    cfg: TrainConfig, out: DiMoEOutput, noised: NoisedBatch, visible: torch.Tensor
+) -> LossOutput:
+    """Load balance per t-bucket (DMAR, docs/design.md §4), or over one global bucket: the ordinary
+    Switch loss of the naive baseline."""
+    if cfg.losses.stratified_balance:
+        bucket, num_buckets = noised.bucket, cfg.diffusion.num_t_buckets
+    else:
+        bucket, num_buckets = torch.zeros_like(noised.bucket), 1
+    return stratified_balance_loss(out.router_probs, out.router_topk, visible, bucket, num_buckets)
+
+
+def _optional_terms(
+    cfg: TrainConfig,
+    batch: TrainBatch,
+    noised: NoisedBatch,
+    out: DiMoEOutput,
+    visible: torch.Tensor,
+    prior: RouterPriorEMA | None,
+) -> tuple[dict[str, tuple[float, LossOutput]], LossOutput | None]:
+    """The terms a stage switches on, as metric name -> (weight, loss) in the order they are added
+    (a float sum depends on the order): the routing prior (DMAR), the view consistency (EBCMC; also
+    returned for the routing stats) and CAP (docs/design.md §4)."""
+    losses, k = cfg.losses, cfg.diffusion.num_t_buckets
+    terms: dict[str, tuple[float, LossOutput]] = {}
     if losses.lambda_prior > 0 and prior is not None:
         with torch.no_grad():
             prior.update(mean_router_distribution(out.router_probs, visible))
         prior_loss = routing_prior_loss(out.router_probs, visible, noised.bucket, k, prior.prior)
-        total = total + losses.lambda_prior * prior_loss.value
-        metrics["loss_prior"] = prior_loss.value.item()
+        terms["loss_prior"] = (losses.lambda_prior, prior_loss)
     consistency = None
-    if views == 2:
+    if noised.num_views == 2:
         b = batch.input_ids.shape[0]
         consistency = view_consistency_loss(
             [p[:b] for p in out.router_probs],
             [p[b:] for p in out.router_probs],
-            noised.visible_in_both(real),
+            noised.visible_in_both(batch.attention_mask),
             [t[:b] for t in out.router_topk],
             [t[b:] for t in out.router_topk],
         )
-        metrics["loss_cons"] = consistency.value.item()
-        if losses.lambda_cons > 0:
-            total = total + losses.lambda_cons * consistency.value
+        terms["loss_cons"] = (losses.lambda_cons, consistency)
     if losses.lambda_cap > 0:
-        cap = cap_confidence_loss(out.logits, targets, noised.masked)
-        total = total + losses.lambda_cap * cap.value
-        metrics["loss_cap"] = cap.value.item()
-    metrics["loss"] = total.item()
-    routing = _routing_stats(out, noised, batch, visible, k, consistency) if collect_routing else {}
-    return StepOutput(total, metrics, routing)
+        targets = batch.input_ids.repeat(noised.num_views, 1)
+        terms["loss_cap"] = (losses.lambda_cap, cap_confidence_loss(out.logits, targets, noised.masked))
+    return terms, consistency
+
+
+def _supervision_counts(batch: TrainBatch, noised: NoisedBatch, diff: LossOutput) -> dict[str, float]:
+    """How much of the batch the views supervise (problem D of docs/design.md §4)."""
+    return {
+        "masked_tokens": float(diff.stats["masked_tokens"]),
+        "eligible_tokens": float(noised.eligible.sum()),
+        "zero_supervision_samples": float(_zero_supervision_samples(noised)),
+        "samples": float(batch.input_ids.shape[0]),
+        "tokens": float(batch.attention_mask.sum() * noised.num_views),
+        "t_mean": noised.t.mean().item(),
+    }
 
 
 def _eos_padding_weights(
@@ -168,7 +214,14 @@ def _zero_supervision_samples(noised: NoisedBatch) -> int:
 
 
 @torch.no_grad()
-def _routing_stats(out, noised, batch, visible, num_buckets, consistency) -> dict[str, Any]:
+def _routing_stats(
+    out: DiMoEOutput,
+    noised: NoisedBatch,
+    batch: TrainBatch,
+    visible: torch.Tensor,
+    num_buckets: int,
+    consistency: LossOutput | None,
+) -> dict[str, Any]:
     """Per layer: expert load per t-bucket over visible tokens, router entropy, top-k overlap
     between views, and expert usage per modality (image / prompt / response)."""
     stats = stratified_balance_loss(

@@ -16,7 +16,6 @@ The pairs are held in memory (decoded once): this is meant for small towers and 
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 import pyarrow.dataset as pads
 import torch
 from PIL import Image
-from rich.progress import Progress
 from transformers import SiglipConfig, SiglipModel
 from transformers.utils import logging as hf_logging
 
@@ -33,7 +31,10 @@ from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
 from dimoe.config.train import VisionPretrainConfig
 from dimoe.data.tokenizer import load_tokenizer
+from dimoe.errors import UserError
+from dimoe.io import read_json, write_json
 from dimoe.model.processor import ImageProcessor
+from dimoe.train.progress import StepProgress
 
 SUMMARY_FILE = "pretrain_summary.json"
 
@@ -43,7 +44,7 @@ def siglip_config(cfg: VisionPretrainConfig, tokenizer: Any) -> SiglipConfig:
     project tokenizer (pad/bos/eos ids are the tokenizer's, so the config refers to real tokens)."""
     vision = load_config(cfg.model, ModelConfig).vision
     if vision is None:
-        raise ValueError(f"{cfg.model} has `vision: null`: there is no vision tower to pretrain")
+        raise UserError(f"{cfg.model} has `vision: null`: there is no vision tower to pretrain")
     text = cfg.text
     return SiglipConfig(
         text_config={
@@ -80,7 +81,7 @@ def load_pairs(
     )
     rows = [r for r in table.to_pylist() if r["image"]]
     if not rows:
-        raise ValueError(f"{path} has no {split}-split rows with an image: nothing to pretrain the tower on")
+        raise UserError(f"{path} has no {split}-split rows with an image: nothing to pretrain the tower on")
     width = cfg.text.max_length
     captions = []
     for r in rows:
@@ -112,7 +113,7 @@ def pretrain_vision(cfg: VisionPretrainConfig, *, progress: bool = True) -> dict
     re-run of the demo does not train again."""
     out = Path(cfg.out_dir)
     if (out / SUMMARY_FILE).is_file():
-        return json.loads((out / SUMMARY_FILE).read_text())
+        return read_json(out / SUMMARY_FILE)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -125,35 +126,10 @@ def pretrain_vision(cfg: VisionPretrainConfig, *, progress: bool = True) -> dict
     with torch.no_grad():  # the paper's initialisation: temperature 10, bias -10 (few positives per row)
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    )
     pool = min(cfg.batch_size, len(val_pixels))
     before = retrieval_top1(model, val_pixels, val_captions, pool)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    losses: list[float] = []
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("SigLIP pretraining", total=cfg.steps)
-        for step in range(1, cfg.steps + 1):
-            batch = torch.randperm(len(pixels), generator=generator)[: cfg.batch_size]
-            loss = model(input_ids=captions[batch], pixel_values=pixels[batch], return_loss=True).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            warmup.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"SigLIP pretraining: non-finite loss at step {step}; lower `lr`")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.update(task, completed=step, description=f"SigLIP pretraining (loss {losses[-1]:.3f})")
-    out.mkdir(parents=True, exist_ok=True)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # saving builds a default SiglipConfig, which warns about its own ids
-    try:
-        model.save_pretrained(str(out), safe_serialization=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    losses = train_siglip(model, pixels, captions, cfg, progress=progress)
+    save_siglip(model, out)
     summary = {
         "out_dir": str(out),
         "pairs": {"train": len(pixels), "val": len(val_pixels)},
@@ -166,5 +142,47 @@ def pretrain_vision(cfg: VisionPretrainConfig, *, progress: bool = True) -> dict
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def train_siglip(
+    model: SiglipModel,
+    pixels: torch.Tensor,
+    captions: torch.Tensor,
+    cfg: VisionPretrainConfig,
+    *,
+    progress: bool = True,
+) -> list[float]:
+    """`cfg.steps` AdamW steps on random batches of the pairs (linear warm-up); the loss of each."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    with StepProgress("SigLIP pretraining", cfg.steps, enabled=progress) as bar:
+        for step in range(1, cfg.steps + 1):
+            batch = torch.randperm(len(pixels), generator=generator)[: cfg.batch_size]
+            loss = model(input_ids=captions[batch], pixel_values=pixels[batch], return_loss=True).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            warmup.step()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"SigLIP pretraining: non-finite loss at step {step}; lower `lr`")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.update(step, losses[-1])
+    return losses
+
+
+def save_siglip(model: SiglipModel, out: Path) -> None:
+    """A `SiglipModel` directory, as `model init --vision-from` imports it."""
+    out.mkdir(parents=True, exist_ok=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # saving builds a default SiglipConfig, which warns about its own ids
+    try:
+        model.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)

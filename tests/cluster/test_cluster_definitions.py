@@ -94,7 +94,13 @@ def in_repo(path: str) -> Path:
 
 
 def declared_flags(script: Path) -> set[str]:
-    return set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", script.read_text()))
+    """The flags of the `dimoe` command a `ray_jobs/` script runs (`run_command("train", "run")`)."""
+    from dimoe.cli import command
+
+    match = re.search(r"run_command\(([^)]*)\)", script.read_text())
+    assert match, f"{script} does not run a dimoe command"
+    path = [part.strip().strip("\"'") for part in match.group(1).split(",")]
+    return {opt for param in command(*path).params for opt in param.opts if opt.startswith("--")}
 
 
 def parse_entrypoint(entrypoint: str) -> tuple[str, argparse.Namespace, list[str]]:
@@ -357,7 +363,7 @@ def test_rayservice_ports_gpus_and_app_args():
 
 
 def _serve_sources() -> str:
-    return "\n".join(p.read_text() for p in (ROOT / "serve").glob("*.py"))
+    return "\n".join(p.read_text() for p in (ROOT / "dimoe" / "serving").glob("*.py"))
 
 
 # --- Ray cluster launcher -----------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import pytest
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
+from dimoe.io import free_ports
 from tests.processes import stop_session
 from tests.train.blends import write_blends
 
@@ -74,15 +73,6 @@ class Head:
         return subprocess.run(
             [RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir
         )
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports (all bound at once, then released)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def http_status(url: str, token: str | None = None) -> int:
@@ -230,7 +220,8 @@ def test_train_stage_job_writes_a_checkpoint(head, tokenizer, tmp_path):
     assert f"Job '{submission_id}' succeeded" in status.stdout, status.stdout
     assert head.job(submission_id)["status"] == "SUCCEEDED"
     logs = head.ray("job", "logs", "--address", head.address, submission_id, env=head.authed_env())
-    assert f"{STAGE}: final checkpoint {out / STAGE / 'final'}" in logs.stdout, logs.stdout[-4000:]
+    # `dimoe train run` ends with its result as JSON: the stage and its final checkpoint
+    assert f'"final": "{out / STAGE / "final"}"' in logs.stdout, logs.stdout[-4000:]
 
     final = out / STAGE / "final"
     assert (final / "model.safetensors").is_file()

@@ -8,7 +8,6 @@ process of those sessions is stopped by pid at the end."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ import pytest
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
+from dimoe.io import free_ports
 from dimoe.telemetry.catalogue import TRAINING_METRICS
 from tests.processes import stop_session
 from tests.train.blends import write_blends
@@ -65,12 +65,6 @@ TRAIN_SCRIPT = textwrap.dedent(
     ray.shutdown()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_leader_session(proc: subprocess.Popen) -> None:
@@ -205,7 +199,7 @@ def check_scraped_values(prom_url: str, found: dict[str, list[dict]], spec: Mode
 
 def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
     spec = load_config(ROOT / "configs/model/tiny.yaml", ModelConfig)
-    metrics_port, prometheus_port = free_port(), free_port()
+    metrics_port, prometheus_port = free_ports(2)
     prom_url = f"http://127.0.0.1:{prometheus_port}"
     train_cmd = train_command(tmp_path, tokenizer, spec, metrics_port)
     prometheus_cmd = prometheus_command(tmp_path, metrics_port, prometheus_port)

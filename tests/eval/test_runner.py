@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -14,7 +13,6 @@ from dimoe.cli import app
 from dimoe.config.eval import EvalConfig
 from dimoe.config.infer import InferConfig
 from dimoe.eval.runner import MissingTaskData, run_eval, score_file
-from dimoe.model.build import build_model, save_checkpoint
 
 INFER = InferConfig.model_validate(
     {
@@ -25,14 +23,6 @@ INFER = InferConfig.model_validate(
         "default_preset": "fast",
     }
 )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(small_spec, tokenizer, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_checkpoint(
-        build_model(small_spec, tokenizer), tokenizer, tmp_path_factory.mktemp("eval_ckpt")
-    )
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from PIL import Image
 from dimoe.config.infer import InferConfig
 from dimoe.infer.engine import GenerationEngine
 from dimoe.infer.inputs import Request
-from dimoe.model.build import build_model, save_checkpoint
+from dimoe.model.build import build_model
 
 
 def make_model(small_spec, tokenizer, attention: str, vision: bool):
@@ -53,11 +53,6 @@ def engine(prefix_model, tokenizer):
         }
     )
     return GenerationEngine(prefix_model, tokenizer, config)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(prefix_model, tokenizer, tmp_path_factory):
-    return save_checkpoint(prefix_model, tokenizer, tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture

@@ -1,27 +1,21 @@
 """A tiny checkpoint and one real local Serve application for the serving tests (package scope)."""
 
-
 import pytest
 import torch
 
 from dimoe.infer.engine import GenerationEngine
-from dimoe.model.build import build_model, save_checkpoint
+from dimoe.io import free_ports
 from dimoe.serving.server import start_server_background
-from tests.serve.support import API_KEY, LIMITS, MODEL, SMALL, free_port
-
-
-@pytest.fixture(scope="package")
-def checkpoint(tokenizer, tiny_spec, tmp_path_factory):
-    model = build_model(tiny_spec.model_copy(update=SMALL), tokenizer, seed=0)
-    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("serve_ckpt"))
+from tests.serve.support import API_KEY, LIMITS, MODEL
 
 
 @pytest.fixture(scope="package")
 def server(ray_cluster, checkpoint):
+    http_port, grpc_port = free_ports(2)
     running = start_server_background(
         checkpoint,
-        http_port=free_port(),
-        grpc_port=free_port(),
+        http_port=http_port,
+        grpc_port=grpc_port,
         api_key=API_KEY,
         model_name=MODEL,
         # A long wait so that requests sent together surely share a batch on a busy machine.

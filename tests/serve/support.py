@@ -2,7 +2,6 @@
 
 import base64
 import io
-import socket
 
 from PIL import Image
 
@@ -11,15 +10,7 @@ from dimoe.infer.inputs import Request, Result
 
 API_KEY = "test-key-123"
 MODEL = "dimoe-vl-test"
-# Smaller than configs/model/tiny.yaml so that decoding is quick; the vision tower stays.
-SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_experts": 4}
 LIMITS = {"max_tokens": 64, "max_image_bytes": 64 * 2**10, "max_request_bytes": 512 * 2**10}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_bytes(size: int = 32, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -12,8 +12,8 @@ from ray import serve
 
 from dimoe.infer.inputs import Request
 from dimoe.serving.load import run_serve_benchmark
-from serve.proto import dimoe_pb2 as pb2
-from serve.proto import dimoe_pb2_grpc as pb2_grpc
+from dimoe.serving.proto import dimoe_pb2 as pb2
+from dimoe.serving.proto import dimoe_pb2_grpc as pb2_grpc
 from tests.serve.support import API_KEY, LIMITS, MODEL, data_url, direct, png_bytes
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -18,6 +18,7 @@ from dimoe.config.infer import InferConfig
 from dimoe.config.loader import ConfigError
 from dimoe.config.serve import LimitsConfig, ServeConfig, load_serve_config
 from dimoe.infer.inputs import Request
+from dimoe.serving.app import deployment_plan, serve_config_from_args
 from dimoe.serving.client import DecoderClient
 from dimoe.serving.decoder import DecoderCore
 from dimoe.serving.errors import ApiError, RequestRejected, validation_error
@@ -34,7 +35,7 @@ from dimoe.serving.jobs import (
 from dimoe.serving.load import Sample, measure, summarize
 from dimoe.serving.responses import chat_sse
 from dimoe.serving.schemas import ChatCompletionRequest, GenerateRequest
-from dimoe.serving.server import deployment_plan, serve_config_from_args
+from dimoe.serving.server import GRPC_SERVICER
 from tests.serve.support import data_url, direct, png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,10 +299,8 @@ def test_serve_config_yaml_args_build_a_valid_config(monkeypatch):
     monkeypatch.chdir(ROOT)
     serve_config = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
     (application,) = serve_config["applications"]
-    assert application["import_path"] == "serve.app:build_app"
-    assert serve_config["grpc_options"]["grpc_servicer_functions"] == [
-        "serve.proto.dimoe_pb2_grpc.add_DiMoEServicer_to_server"
-    ]
+    assert application["import_path"] == "dimoe.serving.app:build_app"
+    assert serve_config["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER]
     config = serve_config_from_args({**application["args"], "set": ["limits.max_tokens=128"]})
     assert config.checkpoint == application["args"]["checkpoint"] and config.limits.max_tokens == 128
 

@@ -1,4 +1,4 @@
-"""The gRPC service of serve/proto/dimoe.proto, as methods of the ingress deployment.
+"""The gRPC service of dimoe/serving/proto/dimoe.proto, as methods of the ingress deployment.
 
 Serve's gRPC proxy (`add_DiMoEServicer_to_server` registered in `gRPCOptions`) calls the ingress
 method named like the RPC. A refused call ends with the matching gRPC status and the error's
@@ -16,8 +16,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from dimoe.serving.errors import ApiError, RequestRejected, validation_error
 from dimoe.serving.jobs import Completion, DecodeJob, generate_job
+from dimoe.serving.proto import dimoe_pb2 as pb2
 from dimoe.serving.schemas import GenerateRequest
-from serve.proto import dimoe_pb2 as pb2
 
 OPTIONAL_FIELDS = ("strategy", "steps", "gen_length", "block_length", "threshold", "temperature", "seed")
 
@@ -79,7 +79,7 @@ class GrpcMethods:
     def end_stream(self, grpc_context: RayServegRPCContext, error: ApiError) -> NoReturn:
         """A stream that simply returns ends with OK whatever code is set; an exception makes Serve
         end it with the code set. The exception is a builtin so that the proxy, which unpickles it,
-        need not import dimoe (seconds, for torch)."""
+        need not import the serving modules (seconds, for torch): it imports only the stubs."""
         self.fail(grpc_context, "GenerateStream", error)
         raise RuntimeError(error.message)
 

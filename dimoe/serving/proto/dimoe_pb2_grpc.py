@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from serve.proto import dimoe_pb2 as serve_dot_proto_dot_dimoe__pb2
+from dimoe.serving.proto import dimoe_pb2 as dimoe_dot_serving_dot_proto_dot_dimoe__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serve/proto/dimoe_pb2_grpc.py depends on'
+        + ' but the generated code in dimoe/serving/proto/dimoe_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class DiMoEStub:
         """
         self.Generate = channel.unary_unary(
                 '/dimoe.v1.DiMoE/Generate',
-                request_serializer=serve_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_dimoe__pb2.GenerateResponse.FromString,
+                request_serializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/dimoe.v1.DiMoE/GenerateStream',
-                request_serializer=serve_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_dimoe__pb2.GenerateChunk.FromString,
+                request_serializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/dimoe.v1.DiMoE/Health',
-                request_serializer=serve_dot_proto_dot_dimoe__pb2.HealthRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_dimoe__pb2.HealthResponse.FromString,
+                request_serializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.HealthRequest.SerializeToString,
+                response_deserializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_DiMoEServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=serve_dot_proto_dot_dimoe__pb2.GenerateRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_dimoe__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateRequest.FromString,
+                    response_serializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=serve_dot_proto_dot_dimoe__pb2.GenerateRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_dimoe__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateRequest.FromString,
+                    response_serializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateChunk.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=serve_dot_proto_dot_dimoe__pb2.HealthRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_dimoe__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.HealthRequest.FromString,
+                    response_serializer=dimoe_dot_serving_dot_proto_dot_dimoe__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class DiMoE:
             request,
             target,
             '/dimoe.v1.DiMoE/Generate',
-            serve_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
-            serve_dot_proto_dot_dimoe__pb2.GenerateResponse.FromString,
+            dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
+            dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class DiMoE:
             request,
             target,
             '/dimoe.v1.DiMoE/GenerateStream',
-            serve_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
-            serve_dot_proto_dot_dimoe__pb2.GenerateChunk.FromString,
+            dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateRequest.SerializeToString,
+            dimoe_dot_serving_dot_proto_dot_dimoe__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class DiMoE:
             request,
             target,
             '/dimoe.v1.DiMoE/Health',
-            serve_dot_proto_dot_dimoe__pb2.HealthRequest.SerializeToString,
-            serve_dot_proto_dot_dimoe__pb2.HealthResponse.FromString,
+            dimoe_dot_serving_dot_proto_dot_dimoe__pb2.HealthRequest.SerializeToString,
+            dimoe_dot_serving_dot_proto_dot_dimoe__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

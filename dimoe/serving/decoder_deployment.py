@@ -1,4 +1,5 @@
-"""Decoder deployment: one model per replica; concurrent requests are batched into engine calls.
+"""The Decoder deployment of the Serve application (docs/design.md §6): one model per replica;
+concurrent requests are batched into engine calls (the engine work itself is `DecoderCore`).
 
 Engine calls run on the replica's event loop and block it. A worker thread would keep the loop
 free in principle, but on CPU the model's Python-heavy forward holds the GIL and starves the loop

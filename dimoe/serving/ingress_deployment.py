@@ -1,4 +1,5 @@
-"""Ingress deployment: the HTTP API (FastAPI) and, through `GrpcMethods`, the gRPC service.
+"""The Ingress deployment of the Serve application (docs/design.md §6): the HTTP API (FastAPI)
+and, through `GrpcMethods`, the gRPC service.
 
 It validates and translates requests (`dimoe.serving`), then calls the decoder deployment; it does
 no model work, so it reserves no CPU and accepts many requests at once.
@@ -15,12 +16,12 @@ from ray.serve.handle import DeploymentHandle
 from dimoe.config.serve import LimitsConfig
 from dimoe.serving.client import DecoderClient
 from dimoe.serving.errors import ApiError, RequestRejected
+from dimoe.serving.grpc_service import GrpcMethods
 from dimoe.serving.http import BearerAuth, create_api, error_response
 from dimoe.serving.jobs import chat_job, generate_job
 from dimoe.serving.metrics import IngressMetrics
 from dimoe.serving.responses import chat_completion, chat_sse, generation
 from dimoe.serving.schemas import ChatCompletionRequest, GenerateRequest
-from serve.grpc_service import GrpcMethods
 
 # No `from __future__ import annotations` in this module: Serve rewrites the route signatures, and
 # FastAPI then needs the annotations as classes to see that `body` is the JSON body.

@@ -1,1 +1,0 @@
-"""gRPC definition of the DiMoE-VL service and its generated stubs (serve/proto/generate.sh)."""
