@@ -33,6 +33,7 @@ demo-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: $(STAMP) lint

@@ -1,6 +1,6 @@
 """`dimoe tune run` as a Ray job (same flags, same help): run (or resume) the ablation grid on Ray Tune.
 
-    ray job submit --working-dir . -- python ray_jobs/tune_ablations.py --config configs/tune/ablations.yaml
+ray job submit --working-dir . -- python ray_jobs/tune_ablations.py --config configs/tune/ablations.yaml
 """
 
 from dimoe.cli import run_command

@@ -37,8 +37,6 @@ def run_name(log: Path) -> str:
     return folder.parent.name if folder.name == "logs" else folder.name
 
 
-
-
 def read_log(path: str | Path, stream: str, required: tuple[str, ...]) -> tuple[Path, list[Record]]:
     """The records of one telemetry stream sorted by step; DiagError names the file and line of a
     record that is not JSON or lacks one of the `required` fields."""

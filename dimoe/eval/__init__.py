@@ -3,5 +3,12 @@
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import Task, get_task, list_tasks, read_records, register_task
 
-__all__ = ["Task", "get_task", "list_tasks", "read_records", "register_task", "score_predictions",
-           "write_scores"]
+__all__ = [
+    "Task",
+    "get_task",
+    "list_tasks",
+    "read_records",
+    "register_task",
+    "score_predictions",
+    "write_scores",
+]

@@ -18,31 +18,149 @@ from collections.abc import Sequence
 # VQAv2 / TextVQA: answer normalisation and the 10-human-answer accuracy
 # --------------------------------------------------------------------------------------------
 
-_VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                    "@", "`", ",", "?", "!")
+_VQA_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _DIGIT_BETWEEN_COMMA = re.compile(r"\d,\d")
 # A period that does not start a decimal fraction. The official regex, `(?!<=\d)(\.)(?!\d)`, has a
 # malformed look-behind and so in effect strips every period not followed by a digit ("1." -> "1").
 _NON_DECIMAL_PERIOD = re.compile(r"\.(?!\d)")
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 # Contractions the VQA evaluation restores when written without (some of) their apostrophes.
 # "I'd", "I'm", ... are left out: the official table keys them with a capital I but looks words up
 # after lower-casing, so they never fire. "we're" is left out because "were" is an ordinary word.
 _CONTRACTIONS = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't",
-    "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's",
-    "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've",
-    "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd",
-    "she'd've", "she's", "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've",
-    "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll", "someone's",
-    "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've", "there're",
-    "there's", "they'd", "they'd've", "they'll", "they're", "they've", "'twas", "wasn't", "we'd",
-    "we'd've", "we've", "weren't", "what'll", "what're", "what's", "what've", "when's", "where'd",
-    "where's", "where've", "who'd", "who'd've", "who'll", "who's", "who've", "why'll", "why're",
-    "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've",
-    "you'd", "you'd've", "you'll", "you're", "you've",
+    "ain't",
+    "aren't",
+    "can't",
+    "could've",
+    "couldn't",
+    "couldn't've",
+    "didn't",
+    "doesn't",
+    "don't",
+    "hadn't",
+    "hadn't've",
+    "hasn't",
+    "haven't",
+    "he'd",
+    "he'd've",
+    "he's",
+    "how'd",
+    "how'll",
+    "how's",
+    "isn't",
+    "it'd",
+    "it'd've",
+    "it'll",
+    "let's",
+    "ma'am",
+    "mightn't",
+    "mightn't've",
+    "might've",
+    "mustn't",
+    "must've",
+    "needn't",
+    "not've",
+    "o'clock",
+    "oughtn't",
+    "'ow's'at",
+    "shan't",
+    "she'd",
+    "she'd've",
+    "she's",
+    "should've",
+    "shouldn't",
+    "shouldn't've",
+    "somebody'd",
+    "somebody'd've",
+    "somebody'll",
+    "somebody's",
+    "someone'd",
+    "someone'd've",
+    "someone'll",
+    "someone's",
+    "something'd",
+    "something'd've",
+    "something'll",
+    "that's",
+    "there'd",
+    "there'd've",
+    "there're",
+    "there's",
+    "they'd",
+    "they'd've",
+    "they'll",
+    "they're",
+    "they've",
+    "'twas",
+    "wasn't",
+    "we'd",
+    "we'd've",
+    "we've",
+    "weren't",
+    "what'll",
+    "what're",
+    "what's",
+    "what've",
+    "when's",
+    "where'd",
+    "where's",
+    "where've",
+    "who'd",
+    "who'd've",
+    "who'll",
+    "who's",
+    "who've",
+    "why'll",
+    "why're",
+    "why's",
+    "won't",
+    "would've",
+    "wouldn't",
+    "wouldn't've",
+    "y'all",
+    "y'all'll",
+    "y'all'd've",
+    "you'd",
+    "you'd've",
+    "you'll",
+    "you're",
+    "you've",
 )
 
 
@@ -156,7 +274,8 @@ _LETTERS = string.ascii_uppercase
 # "answer is X" / "Answer: (x)". A bare lower-case letter counts only when nothing but punctuation
 # follows it, so "the answer is a dog" does not read as option A.
 _STATED_ANSWER = re.compile(
-    r"(?i:\banswer\b)\s*(?:(?i:is)\s*)?[:\-]?\s*(?:\(([A-Za-z])\)|([A-Z])(?![\w'])|([a-z])\W*$)")
+    r"(?i:\banswer\b)\s*(?:(?i:is)\s*)?[:\-]?\s*(?:\(([A-Za-z])\)|([A-Z])(?![\w'])|([a-z])\W*$)"
+)
 _PARENTHESISED_LETTER = re.compile(r"\(([A-Za-z])\)")
 _LONE_LETTER = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.:)]?\s*$")
 _LEADING_LETTER = re.compile(r"^\s*\(?([A-Za-z])[.:)]\s")
@@ -190,13 +309,17 @@ def _choice_by_option_text(text: str, options: Sequence[str]) -> str | None:
     padded = f" {normalize_text(text)} "
     found = {i: normalize_text(option) for i, option in enumerate(options)}
     found = {i: option for i, option in found.items() if option and f" {option} " in padded}
-    maximal = [i for i, option in found.items()
-               if not any(option != other and f" {option} " in f" {other} " for other in found.values())]
+    maximal = [
+        i
+        for i, option in found.items()
+        if not any(option != other and f" {option} " in f" {other} " for other in found.values())
+    ]
     return _LETTERS[maximal[0]] if len(maximal) == 1 else None
 
 
-def multiple_choice_accuracy(prediction: str, gold_letter: str,
-                             options: Sequence[str] | None = None) -> float:
+def multiple_choice_accuracy(
+    prediction: str, gold_letter: str, options: Sequence[str] | None = None
+) -> float:
     """1.0 when the option letter extracted from `prediction` is the gold letter."""
     return float(extract_choice(prediction, options) == gold_letter.strip().upper())
 
@@ -209,7 +332,7 @@ _FIRST_WORD = re.compile(r"[a-z]+")
 
 
 def parse_yes_no(text: str) -> str | None:
-    """"yes" / "no" read off the start of an answer, as the MME evaluation tool does (it looks only
+    """ "yes" / "no" read off the start of an answer, as the MME evaluation tool does (it looks only
     at the first few characters); None when the answer starts with neither."""
     match = _FIRST_WORD.search(text.lower())
     word = match.group(0) if match else ""
@@ -262,8 +385,13 @@ def relaxed_accuracy(prediction: str, gold: str | Sequence[str], tolerance: floa
 def _relaxed_one(prediction: str, gold: str, tolerance: float) -> float:
     pred_values, gold_values = _chartqa_numbers(prediction), _chartqa_numbers(gold)
     if pred_values and gold_values:
-        return float(any(abs(p - g) <= (tolerance + _TOLERANCE_SLACK) * abs(g)
-                         for p in pred_values for g in gold_values))
+        return float(
+            any(
+                abs(p - g) <= (tolerance + _TOLERANCE_SLACK) * abs(g)
+                for p in pred_values
+                for g in gold_values
+            )
+        )
     return float(prediction.strip().lower() == gold.strip().lower())
 
 

@@ -19,8 +19,9 @@ from dimoe.eval.tasks import Row, Task, get_task
 _MAX_LISTED_PROBLEMS = 5
 
 
-def score_predictions(task_name: str, pred_rows: Sequence[Row],
-                      gt_rows: Sequence[Row] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def score_predictions(
+    task_name: str, pred_rows: Sequence[Row], gt_rows: Sequence[Row] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-row results (`id`, postprocessed `prediction`, `score`, task details) and the task's
     summary (`task`, `n`, `score`, task-specific fields) of one task's predictions.
 
@@ -51,8 +52,14 @@ def _merge(task: Task, pred_rows: Sequence[Row], gt_rows: Sequence[Row] | None) 
     return merged
 
 
-def _merge_one(task: Task, position: int, pred: Row, gold_by_id: dict[str, Row] | None, seen: set[str],
-               problems: list[str]) -> Row | None:
+def _merge_one(
+    task: Task,
+    position: int,
+    pred: Row,
+    gold_by_id: dict[str, Row] | None,
+    seen: set[str],
+    problems: list[str],
+) -> Row | None:
     """The prediction with its gold fields, or None after recording why that is impossible."""
     if pred.get("id") is None:
         problems.append(f"prediction row {position + 1}: missing field 'id'")
@@ -89,15 +96,21 @@ def _problem_message(task_name: str, problems: list[str]) -> str:
     listed = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
     more = len(problems) - _MAX_LISTED_PROBLEMS
     tail = f"\n  ... and {more} more" if more > 0 else ""
-    return (f"cannot score {task_name} predictions ({len(problems)} problem(s)); each row needs 'id', "
-            f"'prediction' and the gold fields, directly or through ground-truth rows with the same id:"
-            f"\n  {listed}{tail}")
+    return (
+        f"cannot score {task_name} predictions ({len(problems)} problem(s)); each row needs 'id', "
+        f"'prediction' and the gold fields, directly or through ground-truth rows with the same id:"
+        f"\n  {listed}{tail}"
+    )
 
 
 def _score_row(task: Task, row: Row) -> dict[str, Any]:
     prediction = task.postprocess(str(row["prediction"]))
-    return {"id": row["id"], "prediction": prediction, "score": task.score(row, prediction),
-            **task.details(row, prediction)}
+    return {
+        "id": row["id"],
+        "prediction": prediction,
+        "score": task.score(row, prediction),
+        **task.details(row, prediction),
+    }
 
 
 def write_scores(out_dir: str | Path, per_row: Sequence[dict[str, Any]], summary: dict[str, Any]) -> Path:
@@ -108,6 +121,7 @@ def write_scores(out_dir: str | Path, per_row: Sequence[dict[str, Any]], summary
     with (out_dir / "results.jsonl").open("w", encoding="utf-8") as handle:
         for result in per_row:
             handle.write(json.dumps(result, ensure_ascii=False) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
+    (out_dir / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return out_dir

@@ -46,8 +46,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     key becomes the record's `id` when it has none)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"eval data file not found: {path} "
-                                "(check the task's `path` in the eval config)")
+        raise FileNotFoundError(
+            f"eval data file not found: {path} (check the task's `path` in the eval config)"
+        )
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix == ".json":
@@ -61,8 +62,9 @@ def _records_of_json(data: Any, path: Path) -> list[dict[str, Any]]:
     elif isinstance(data, dict) and data and all(isinstance(value, dict) for value in data.values()):
         data = [{"id": key, **value} for key, value in data.items()]
     if not isinstance(data, list) or not all(isinstance(record, dict) for record in data):
-        raise UserError(f"{path}: expected a list of objects, a {{\"data\": [...]}} wrapper or an "
-                         "{id: object} mapping")
+        raise UserError(
+            f'{path}: expected a list of objects, a {{"data": [...]}} wrapper or an {{id: object}} mapping'
+        )
     return data
 
 
@@ -106,7 +108,7 @@ def _answer_texts(value: Any) -> list[str]:
     items = value if isinstance(value, list) else [value]
     answers = [item["answer"] if isinstance(item, dict) and "answer" in item else item for item in items]
     if not answers or not all(isinstance(answer, str | int | float) for answer in answers):
-        raise RowError("answers must be a non-empty list of strings (or of {\"answer\": ...} objects)")
+        raise RowError('answers must be a non-empty list of strings (or of {"answer": ...} objects)')
     return [str(answer) for answer in answers]
 
 
@@ -136,8 +138,9 @@ class Task:
         (default: `default_image_root(path)`). Images are not opened here."""
         path = Path(path)
         root = Path(image_root) if image_root is not None else self.default_image_root(path)
-        rows = [self._parse_located(record, index, path, root)
-                for index, record in enumerate(read_records(path))]
+        rows = [
+            self._parse_located(record, index, path, root) for index, record in enumerate(read_records(path))
+        ]
         rows = self.select(rows, path)
         _check_unique_ids(rows, path)
         return rows
@@ -146,8 +149,10 @@ class Task:
         try:
             return self.parse_row(record, index, root)
         except RowError as error:
-            raise UserError(f"{path}: record {index + 1} (id {_record_id(record, index)!r}) is not a valid "
-                             f"{self.name} row: {error}") from None
+            raise UserError(
+                f"{path}: record {index + 1} (id {_record_id(record, index)!r}) is not a valid "
+                f"{self.name} row: {error}"
+            ) from None
 
     def default_image_root(self, path: Path) -> Path:
         """Directory relative image paths start from: the data file's own directory."""
@@ -241,9 +246,12 @@ class VQATask(Task):
     gold_fields = ("answers",)
 
     def parse_row(self, record: dict[str, Any], index: int, image_root: Path) -> Row:
-        return {"id": _record_id(record, index), "question": _text(record, "question"),
-                "image": _resolve(self.image_of(record), image_root),
-                "answers": _answer_texts(_field(record, "answers", "answer"))}
+        return {
+            "id": _record_id(record, index),
+            "question": _text(record, "question"),
+            "image": _resolve(self.image_of(record), image_root),
+            "answers": _answer_texts(_field(record, "answers", "answer")),
+        }
 
     def image_of(self, record: dict[str, Any]) -> str:
         """The record's image path (before resolving against the image root)."""
@@ -268,8 +276,12 @@ class GQATask(Task):
 
     def parse_row(self, record: dict[str, Any], index: int, image_root: Path) -> Row:
         image = record.get("image") or f"{_text(record, 'imageId', 'image')}.jpg"
-        return {"id": _record_id(record, index), "question": _text(record, "question"),
-                "image": _resolve(image, image_root), "answer": _text(record, "answer")}
+        return {
+            "id": _record_id(record, index),
+            "question": _text(record, "question"),
+            "image": _resolve(image, image_root),
+            "answer": _text(record, "answer"),
+        }
 
     def score(self, row: Row, prediction: str) -> float:
         return metrics.exact_match(prediction, row["answer"])
@@ -288,8 +300,12 @@ class MultipleChoiceTask(Task):
 
     def parse_row(self, record: dict[str, Any], index: int, image_root: Path) -> Row:
         choices = _choices(record)
-        row: Row = {"id": _record_id(record, index), "question": _text(record, "question"),
-                    "choices": choices, "answer": _gold_letter(_field(record, "answer"), choices)}
+        row: Row = {
+            "id": _record_id(record, index),
+            "question": _text(record, "question"),
+            "choices": choices,
+            "answer": _gold_letter(_field(record, "answer"), choices),
+        }
         hint = record.get("hint") or record.get("context")
         if isinstance(hint, str) and hint.strip():
             row["hint"] = hint.strip()
@@ -366,9 +382,13 @@ class MMETask(Task):
         answer = metrics.parse_yes_no(_text(record, "answer"))
         if answer is None:
             raise RowError(f"answer {record['answer']!r} is not yes/no")
-        row: Row = {"id": str(record.get("id") or f"{image_id}#{index}"), "image_id": image_id,
-                    "question": _text(record, "question"), "answer": answer,
-                    "image": _resolve(str(record.get("image") or image_id), image_root)}
+        row: Row = {
+            "id": str(record.get("id") or f"{image_id}#{index}"),
+            "image_id": image_id,
+            "question": _text(record, "question"),
+            "answer": answer,
+            "image": _resolve(str(record.get("image") or image_id), image_root),
+        }
         if record.get("category"):
             row["category"] = str(record["category"])
         return row
@@ -388,10 +408,14 @@ class MMETask(Task):
             categories.setdefault(result["category"], []).append(result)
         per_category = {name: _mme_group(group) for name, group in sorted(categories.items())}
         overall = _mme_group(results)
-        return {"n": len(results), "score": overall["accuracy"], "accuracy": overall["accuracy"],
-                "accuracy_plus": overall["accuracy_plus"],
-                "mme_score": sum(group["score"] for group in per_category.values()),
-                "categories": per_category}
+        return {
+            "n": len(results),
+            "score": overall["accuracy"],
+            "accuracy": overall["accuracy"],
+            "accuracy_plus": overall["accuracy_plus"],
+            "mme_score": sum(group["score"] for group in per_category.values()),
+            "categories": per_category,
+        }
 
 
 def _mme_group(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -404,9 +428,12 @@ class ChartQATask(Task):
     relaxed accuracy (5 % numeric tolerance)."""
 
     def parse_row(self, record: dict[str, Any], index: int, image_root: Path) -> Row:
-        return {"id": _record_id(record, index), "question": _text(record, "query", "question"),
-                "image": _resolve(_text(record, "image", "imgname"), image_root),
-                "answer": _text(record, "label", "answer")}
+        return {
+            "id": _record_id(record, index),
+            "question": _text(record, "query", "question"),
+            "image": _resolve(_text(record, "image", "imgname"), image_root),
+            "answer": _text(record, "label", "answer"),
+        }
 
     def score(self, row: Row, prediction: str) -> float:
         return metrics.relaxed_accuracy(prediction, row["answer"])
@@ -421,9 +448,12 @@ class DocumentVQATask(Task):
     gold_fields = ("answers",)
 
     def parse_row(self, record: dict[str, Any], index: int, image_root: Path) -> Row:
-        return {"id": _record_id(record, index), "question": _text(record, "question"),
-                "image": _resolve(_text(record, "image", "image_local_name"), image_root),
-                "answers": _answer_texts(_field(record, "answers", "answer"))}
+        return {
+            "id": _record_id(record, index),
+            "question": _text(record, "question"),
+            "image": _resolve(_text(record, "image", "image_local_name"), image_root),
+            "answers": _answer_texts(_field(record, "answers", "answer")),
+        }
 
     def score(self, row: Row, prediction: str) -> float:
         return metrics.anls(prediction, row["answers"])
@@ -443,8 +473,10 @@ class GSM8KTask(Task):
         return {"id": _record_id(record, index), "question": _text(record, "question"), "answer": answer}
 
     def build_prompt(self, row: Row) -> dict[str, str]:
-        return {"prompt": f"Question: {row['question']}\nSolve it step by step, then give the final "
-                          "answer as a number after '#### '."}
+        return {
+            "prompt": f"Question: {row['question']}\nSolve it step by step, then give the final "
+            "answer as a number after '#### '."
+        }
 
     def score(self, row: Row, prediction: str) -> float:
         return metrics.gsm8k_accuracy(prediction, row["answer"])
@@ -469,16 +501,22 @@ class DemoTask(Task):
         return path.parent.parent
 
     def parse_row(self, record: dict[str, Any], index: int, image_root: Path) -> Row:
-        return {"id": _record_id(record, index), "question": _text(record, "question"),
-                "image": _resolve(_text(record, "image"), image_root), "answer": _text(record, "answer"),
-                "question_type": _text(record, "question_type")}
+        return {
+            "id": _record_id(record, index),
+            "question": _text(record, "question"),
+            "image": _resolve(_text(record, "image"), image_root),
+            "answer": _text(record, "answer"),
+            "question_type": _text(record, "question_type"),
+        }
 
     def select(self, rows: list[Row], path: Path) -> list[Row]:
         selected = [row for row in rows if row["question_type"] == self.question_type]
         if not selected:
             found = sorted({row["question_type"] for row in rows})
-            raise UserError(f"{path}: no rows with question_type {self.question_type!r} for task "
-                             f"{self.name} (found: {', '.join(found) or 'no rows'})")
+            raise UserError(
+                f"{path}: no rows with question_type {self.question_type!r} for task "
+                f"{self.name} (found: {', '.join(found) or 'no rows'})"
+            )
         return selected
 
     def build_prompt(self, row: Row) -> dict[str, str]:

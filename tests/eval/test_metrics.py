@@ -149,8 +149,15 @@ def test_multiple_choice_accuracy() -> None:
 
 @pytest.mark.parametrize(
     ("text", "parsed"),
-    [("Yes", "yes"), ("yes, there is a dog", "yes"), ("No.", "no"), (" NO", "no"), ("Maybe", None),
-     ("Yesterday", None), ("", None)],
+    [
+        ("Yes", "yes"),
+        ("yes, there is a dog", "yes"),
+        ("No.", "no"),
+        (" NO", "no"),
+        ("Maybe", None),
+        ("Yesterday", None),
+        ("", None),
+    ],
 )
 def test_parse_yes_no(text: str, parsed: str | None) -> None:
     assert metrics.parse_yes_no(text) == parsed

@@ -15,8 +15,19 @@ from dimoe.eval.tasks import IMAGE_PLACEHOLDER, Task, get_task, list_tasks, regi
 
 CONFIG = Path(__file__).parents[2] / "configs/eval/default.yaml"
 DEMO_TASKS = ["demo_vqa_colour", "demo_vqa_shape", "demo_vqa_count", "demo_vqa_position", "demo_describe"]
-BENCHMARKS = ["vqav2", "textvqa", "gqa", "scienceqa", "mmbench", "mmmu", "mme", "chartqa", "docvqa",
-              "infovqa", "gsm8k"]
+BENCHMARKS = [
+    "vqav2",
+    "textvqa",
+    "gqa",
+    "scienceqa",
+    "mmbench",
+    "mmmu",
+    "mme",
+    "chartqa",
+    "docvqa",
+    "infovqa",
+    "gsm8k",
+]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -68,29 +79,74 @@ def test_register_task_adds_a_task_and_refuses_a_taken_name(monkeypatch: pytest.
 def demo_data(tmp_path: Path) -> Path:
     data = tmp_path / "DATA"
     rows = [
-        {"id": "c0", "image": "images/0.png", "question": "What colour is the shape?", "answer": "red",
-         "question_type": "colour"},
-        {"id": "c1", "image": "images/1.png", "question": "What colour is the shape?", "answer": "blue",
-         "question_type": "colour"},
-        {"id": "s0", "image": "images/0.png", "question": "What shape is it?", "answer": "circle",
-         "question_type": "shape"},
-        {"id": "n0", "image": "images/2.png", "question": "How many shapes?", "answer": "3",
-         "question_type": "count"},
-        {"id": "p0", "image": "images/3.png", "question": "Where is the square?", "answer": "top left",
-         "question_type": "position"},
+        {
+            "id": "c0",
+            "image": "images/0.png",
+            "question": "What colour is the shape?",
+            "answer": "red",
+            "question_type": "colour",
+        },
+        {
+            "id": "c1",
+            "image": "images/1.png",
+            "question": "What colour is the shape?",
+            "answer": "blue",
+            "question_type": "colour",
+        },
+        {
+            "id": "s0",
+            "image": "images/0.png",
+            "question": "What shape is it?",
+            "answer": "circle",
+            "question_type": "shape",
+        },
+        {
+            "id": "n0",
+            "image": "images/2.png",
+            "question": "How many shapes?",
+            "answer": "3",
+            "question_type": "count",
+        },
+        {
+            "id": "p0",
+            "image": "images/3.png",
+            "question": "Where is the square?",
+            "answer": "top left",
+            "question_type": "position",
+        },
     ]
     write_jsonl(data / "eval/vqa_test.jsonl", rows)
-    write_jsonl(data / "eval/describe_test.jsonl", [
-        {"id": "d0", "image": "images/0.png", "question": "Describe the image.", "answer": "a red circle",
-         "question_type": "describe"},
-        {"id": "d1", "image": "images/1.png", "question": "Describe the image.", "answer": "a blue square",
-         "question_type": "describe"},
-    ])
+    write_jsonl(
+        data / "eval/describe_test.jsonl",
+        [
+            {
+                "id": "d0",
+                "image": "images/0.png",
+                "question": "Describe the image.",
+                "answer": "a red circle",
+                "question_type": "describe",
+            },
+            {
+                "id": "d1",
+                "image": "images/1.png",
+                "question": "Describe the image.",
+                "answer": "a blue square",
+                "question_type": "describe",
+            },
+        ],
+    )
     return data
 
 
-@pytest.mark.parametrize(("name", "ids"), [("demo_vqa_colour", ["c0", "c1"]), ("demo_vqa_shape", ["s0"]),
-                                           ("demo_vqa_count", ["n0"]), ("demo_vqa_position", ["p0"])])
+@pytest.mark.parametrize(
+    ("name", "ids"),
+    [
+        ("demo_vqa_colour", ["c0", "c1"]),
+        ("demo_vqa_shape", ["s0"]),
+        ("demo_vqa_count", ["n0"]),
+        ("demo_vqa_position", ["p0"]),
+    ],
+)
 def test_demo_vqa_tasks_filter_by_question_type(demo_data: Path, name: str, ids: list[str]) -> None:
     rows = get_task(name).load(demo_data / "eval/vqa_test.jsonl")
     assert [row["id"] for row in rows] == ids
@@ -119,28 +175,42 @@ def test_demo_describe_reports_exact_match_and_token_f1(demo_data: Path) -> None
     assert [r["score"] for r in per_row] == [1.0, 0.0]
     # d1: "red square" vs "blue square": overlap 1, P = R = 1/2.
     assert [r["token_f1"] for r in per_row] == pytest.approx([1.0, 0.5])
-    assert summary == {"task": "demo_describe", "n": 2, "score": 0.5, "token_f1": pytest.approx(0.75),
-                       "n_gold_without_prediction": 0}
+    assert summary == {
+        "task": "demo_describe",
+        "n": 2,
+        "score": 0.5,
+        "token_f1": pytest.approx(0.75),
+        "n_gold_without_prediction": 0,
+    }
 
 
 # ---------------------------------------------------------------- benchmark loaders
 
 
 def test_vqav2_jsonl_with_annotation_objects(tmp_path: Path) -> None:
-    answers = [{"answer": "2", "answer_id": i} for i in range(2)] + [{"answer": "3", "answer_id": i}
-                                                                     for i in range(2, 10)]
-    path = write_jsonl(tmp_path / "vqav2.jsonl", [{"question_id": 7, "image": "img/7.jpg",
-                                                   "question": "How many?", "answers": answers}])
+    answers = [{"answer": "2", "answer_id": i} for i in range(2)] + [
+        {"answer": "3", "answer_id": i} for i in range(2, 10)
+    ]
+    path = write_jsonl(
+        tmp_path / "vqav2.jsonl",
+        [{"question_id": 7, "image": "img/7.jpg", "question": "How many?", "answers": answers}],
+    )
     task = get_task("vqav2")
     [row] = task.load(path)
-    assert row == {"id": "7", "question": "How many?", "image": str(tmp_path / "img/7.jpg"),
-                   "answers": ["2"] * 2 + ["3"] * 8}
+    assert row == {
+        "id": "7",
+        "question": "How many?",
+        "image": str(tmp_path / "img/7.jpg"),
+        "answers": ["2"] * 2 + ["3"] * 8,
+    }
     assert task.score(row, task.postprocess("two")) == pytest.approx(0.6)
 
 
 def test_textvqa_official_json(tmp_path: Path) -> None:
-    data = {"dataset_name": "textvqa", "data": [{"question_id": 1, "image_id": "abc", "question": "Brand?",
-                                                 "answers": ["nokia"] * 10}]}
+    data = {
+        "dataset_name": "textvqa",
+        "data": [{"question_id": 1, "image_id": "abc", "question": "Brand?", "answers": ["nokia"] * 10}],
+    }
     path = write_json(tmp_path / "textvqa.json", data)
     [row] = get_task("textvqa").load(path, image_root=tmp_path / "imgs")
     assert row["image"] == str(tmp_path / "imgs/abc.jpg")
@@ -155,24 +225,47 @@ def test_gqa_official_question_mapping(tmp_path: Path) -> None:
 
 
 def test_scienceqa_index_answer_hint_and_text_only_rows(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "sqa.jsonl", [
-        {"pid": "9", "question": "Which is a mammal?", "choices": ["shark", "whale"], "answer": 1,
-         "hint": "Mammals breathe air.", "image": None},
-    ])
+    path = write_jsonl(
+        tmp_path / "sqa.jsonl",
+        [
+            {
+                "pid": "9",
+                "question": "Which is a mammal?",
+                "choices": ["shark", "whale"],
+                "answer": 1,
+                "hint": "Mammals breathe air.",
+                "image": None,
+            },
+        ],
+    )
     task = get_task("scienceqa")
     [row] = task.load(path)
     assert row["answer"] == "B" and "image" not in row
     prompt = task.build_prompt(row)
     assert "image" not in prompt and IMAGE_PLACEHOLDER not in prompt["prompt"]
-    assert prompt["prompt"] == ("Mammals breathe air.\nWhich is a mammal?\nA. shark\nB. whale\n"
-                                f"{tasks.CHOICE_INSTRUCTION}")
+    assert prompt["prompt"] == (
+        f"Mammals breathe air.\nWhich is a mammal?\nA. shark\nB. whale\n{tasks.CHOICE_INSTRUCTION}"
+    )
     assert task.score(row, "The answer is (B).") == 1.0
     assert task.details(row, "whale") == {"choice": "B"}
 
 
 def test_mmbench_option_columns(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "mmb.jsonl", [{"index": 3, "question": "Colour?", "A": "red", "B": "blue",
-                                                 "C": "green", "D": None, "answer": "C", "image": "3.png"}])
+    path = write_jsonl(
+        tmp_path / "mmb.jsonl",
+        [
+            {
+                "index": 3,
+                "question": "Colour?",
+                "A": "red",
+                "B": "blue",
+                "C": "green",
+                "D": None,
+                "answer": "C",
+                "image": "3.png",
+            }
+        ],
+    )
     [row] = get_task("mmbench").load(path)
     assert row["id"] == "3"
     assert row["choices"] == ["red", "blue", "green"]
@@ -180,8 +273,17 @@ def test_mmbench_option_columns(tmp_path: Path) -> None:
 
 
 def test_mmmu_stringified_options_and_text_answer(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "mmmu.jsonl", [{"id": "validation_Art_1", "question": "Which style?",
-                                                  "options": "['Baroque', 'Cubism']", "answer": "Cubism"}])
+    path = write_jsonl(
+        tmp_path / "mmmu.jsonl",
+        [
+            {
+                "id": "validation_Art_1",
+                "question": "Which style?",
+                "options": "['Baroque', 'Cubism']",
+                "answer": "Cubism",
+            }
+        ],
+    )
     [row] = get_task("mmmu").load(path)
     assert row["choices"] == ["Baroque", "Cubism"] and row["answer"] == "B"
 
@@ -205,13 +307,16 @@ def test_mme_pairs_accuracy_plus_and_category_scores(tmp_path: Path) -> None:
     assert summary["accuracy"] == pytest.approx(5 / 6)
     assert summary["accuracy_plus"] == pytest.approx(2 / 3)  # count/2.png has one wrong answer
     assert summary["categories"]["count"] == pytest.approx(
-        {"accuracy": 3 / 4, "accuracy_plus": 1 / 2, "score": 125.0})
+        {"accuracy": 3 / 4, "accuracy_plus": 1 / 2, "score": 125.0}
+    )
     assert summary["mme_score"] == pytest.approx(125.0 + 200.0)
 
 
 def test_chartqa_official_list(tmp_path: Path) -> None:
-    records = [{"imgname": "a.png", "query": "Peak value?", "label": "40"},
-               {"imgname": "b.png", "query": "Which year?", "label": "2019"}]
+    records = [
+        {"imgname": "a.png", "query": "Peak value?", "label": "40"},
+        {"imgname": "b.png", "query": "Which year?", "label": "2019"},
+    ]
     path = write_json(tmp_path / "test_human.json", records)
     task = get_task("chartqa")
     rows = task.load(path)
@@ -220,8 +325,16 @@ def test_chartqa_official_list(tmp_path: Path) -> None:
 
 
 def test_docvqa_official_json(tmp_path: Path) -> None:
-    data = {"data": [{"questionId": 5, "question": "Date?", "image": "documents/x.png",
-                      "answers": ["1 May 2020", "May 1, 2020"]}]}
+    data = {
+        "data": [
+            {
+                "questionId": 5,
+                "question": "Date?",
+                "image": "documents/x.png",
+                "answers": ["1 May 2020", "May 1, 2020"],
+            }
+        ]
+    }
     task = get_task("docvqa")
     [row] = task.load(write_json(tmp_path / "val_v1.0.json", data))
     assert row["id"] == "5" and row["image"] == str(tmp_path / "documents/x.png")
@@ -283,11 +396,15 @@ def test_missing_file_duplicate_ids_and_bad_answers(tmp_path: Path) -> None:
 
 
 def test_prediction_rows_may_carry_their_own_gold_fields() -> None:
-    predictions = [{"id": 1, "prediction": "red", "answer": "Red"}, {"id": 2, "prediction": "blue",
-                                                                     "answer": "green"}]
+    predictions = [
+        {"id": 1, "prediction": "red", "answer": "Red"},
+        {"id": 2, "prediction": "blue", "answer": "green"},
+    ]
     per_row, summary = score_predictions("gqa", predictions)
-    assert per_row == [{"id": "1", "prediction": "red", "score": 1.0},
-                       {"id": "2", "prediction": "blue", "score": 0.0}]
+    assert per_row == [
+        {"id": "1", "prediction": "red", "score": 1.0},
+        {"id": "2", "prediction": "blue", "score": 0.0},
+    ]
     assert summary == {"task": "gqa", "n": 2, "score": 0.5}
 
 
@@ -300,8 +417,12 @@ def test_ground_truth_wins_and_unscored_gold_rows_are_counted() -> None:
 
 def test_scoring_problems_come_in_one_error_naming_ids_and_fields() -> None:
     gold = [{"id": "1", "answers": ["a"] * 10}]
-    predictions = [{"id": "1", "prediction": "a"}, {"id": "9", "prediction": "b"}, {"prediction": "c"},
-                   {"id": "1", "prediction": "a"}]
+    predictions = [
+        {"id": "1", "prediction": "a"},
+        {"id": "9", "prediction": "b"},
+        {"prediction": "c"},
+        {"id": "1", "prediction": "a"},
+    ]
     with pytest.raises(ValueError) as error:
         score_predictions("vqav2", predictions, gold)
     message = str(error.value)
