@@ -394,13 +394,14 @@ def infer_benchmark(
     With --serve-url: a Ray actor drives load against the server and reports percentiles; the exit
     code is 1 when any request failed."""
     if serve_url is not None:
+        from dimoe.io import write_json
         from dimoe.serving.load import format_table, run_serve_benchmark
 
         levels = [int(c) for c in concurrency.split(",")]
         report = run_serve_benchmark(
             serve_url, levels, requests, preset=preset, max_tokens=max_tokens, api_key=api_key
         )
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
         table = format_table({f"{lv['concurrency']} clients": lv for lv in report["levels"]})
         console.print(table, markup=False, highlight=False)
         print_json(report)

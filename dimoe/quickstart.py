@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from dimoe.config.eval import EvalConfig
+from dimoe.io import iter_jsonl, read_json, write_json
 
 console = Console()
 
@@ -170,7 +171,7 @@ def _eval_config(ctx: QuickstartContext) -> EvalConfig:
 
 def _majority_baselines(ctx: QuickstartContext) -> dict[str, float]:
     """Majority-answer accuracy per demo task, computed by the generator on the test split."""
-    baselines = json.loads((ctx.demo_dir / "synth_summary.json").read_text())["baselines"]
+    baselines = read_json(ctx.demo_dir / "synth_summary.json")["baselines"]
     return {
         f"demo_vqa_{kind}" if kind != "describe" else "demo_describe": b["accuracy"]
         for kind, b in baselines.items()
@@ -228,7 +229,7 @@ def _serve(ctx: QuickstartContext) -> dict[str, Any]:
     from dimoe.serving.proto import dimoe_pb2, dimoe_pb2_grpc
     from dimoe.serving.server import start_server_background
 
-    row = json.loads((ctx.demo_dir / "eval" / "vqa_test.jsonl").read_text().splitlines()[0])
+    _, row = next(iter_jsonl(ctx.demo_dir / "eval" / "vqa_test.jsonl"))
     answer_tokens = _eval_config(ctx).tasks[f"demo_vqa_{row['question_type']}"].gen_length
     image = (ctx.demo_dir / row["image"]).read_bytes()
     http_port, grpc_port = free_ports(2)
@@ -287,14 +288,14 @@ def run_quickstart(
     for i, step in enumerate(STEPS, 1):
         marker = markers / f"{step.name}.done"
         if marker.exists() and not restart:
-            results[step.name] = json.loads(marker.read_text())
+            results[step.name] = read_json(marker)
             console.print(f"[dim][{i}/{len(STEPS)}] {step.title}: done earlier, skipped[/]")
             continue
         console.rule(f"[{i}/{len(STEPS)}] {step.title}")
         start = time.perf_counter()
         result = step.run(ctx)
         result["seconds"] = round(time.perf_counter() - start, 1)
-        marker.write_text(json.dumps(result, indent=2))
+        write_json(marker, result)
         results[step.name] = result
         console.print_json(json.dumps(result))
     return results

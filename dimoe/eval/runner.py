@@ -26,7 +26,6 @@ on storage every node sees.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.errors import UserError
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import Row, Task, get_task, read_records
-from dimoe.io import write_json
+from dimoe.io import read_json, write_json, write_jsonl
 
 SCORES_FILE = "scores.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -263,7 +262,7 @@ def _reusable(task_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None
     predictions = task_dir / PREDICTIONS_FILE
     if not summary_path.is_file() or not predictions.is_file():
         return None
-    stored = json.loads(summary_path.read_text(encoding="utf-8"))
+    stored = read_json(summary_path)
     differing = [key for key in identity if stored.get("run", {}).get(key) != identity[key]]
     if differing:
         raise UserError(
@@ -273,6 +272,26 @@ def _reusable(task_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None
     with predictions.open(encoding="utf-8") as handle:
         complete = sum(1 for line in handle if line.strip()) == stored["metrics"]["n"]
     return stored["metrics"] if complete else None
+
+
+def _prediction_record(
+    task: Task, row: Row, prompt: dict[str, Any], scored: dict[str, Any], decoded: dict[str, Any]
+) -> dict[str, Any]:
+    """One line of predictions.jsonl: the prompt, the raw output, the scored prediction, the gold
+    fields, the metric's details and the decoding cost."""
+    details = {key: value for key, value in scored.items() if key not in ("id", "prediction", "score")}
+    return {
+        "id": row["id"],
+        "prompt": prompt["prompt"],
+        **({"image": prompt["image"]} if "image" in prompt else {}),
+        "output": decoded["output"],
+        "prediction": scored["prediction"],
+        "gold": {field: row[field] for field in task.gold_fields},
+        "score": scored["score"],
+        **details,
+        "nfe": decoded["nfe"],
+        "latency_s": round(decoded["latency_s"], 6),
+    }
 
 
 def _finish_task(
@@ -289,26 +308,11 @@ def _finish_task(
     predictions = [{"id": row["id"], "prediction": outputs[row["id"]]["output"]} for row in rows]
     per_row, summary = score_predictions(prepared.name, predictions, rows)
     task_dir = out_dir / prepared.name
-    task_dir.mkdir(parents=True, exist_ok=True)
-    with (task_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as handle:
-        for row, prompt, scored in zip(rows, prepared.prompts, per_row, strict=True):
-            decoded = outputs[row["id"]]
-            details = {
-                key: value for key, value in scored.items() if key not in ("id", "prediction", "score")
-            }
-            record = {
-                "id": row["id"],
-                "prompt": prompt["prompt"],
-                **({"image": prompt["image"]} if "image" in prompt else {}),
-                "output": decoded["output"],
-                "prediction": scored["prediction"],
-                "gold": {field: row[field] for field in task.gold_fields},
-                "score": scored["score"],
-                **details,
-                "nfe": decoded["nfe"],
-                "latency_s": round(decoded["latency_s"], 6),
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    records = (
+        _prediction_record(task, row, prompt, scored, outputs[row["id"]])
+        for row, prompt, scored in zip(rows, prepared.prompts, per_row, strict=True)
+    )
+    write_jsonl(task_dir / PREDICTIONS_FILE, records)
     decoded_rows = [outputs[row["id"]] for row in rows]
     mean_nfe = float(np.mean([row["nfe"] for row in decoded_rows]))
     decode_s = sum(row["decode_s"] for row in decoded_rows)

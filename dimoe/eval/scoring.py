@@ -7,13 +7,13 @@ matched by `id`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dimoe.errors import UserError
 from dimoe.eval.tasks import Row, Task, get_task
+from dimoe.io import write_json, write_jsonl
 
 # How many problems one error message lists before summarising the rest as a count.
 _MAX_LISTED_PROBLEMS = 5
@@ -117,11 +117,6 @@ def write_scores(out_dir: str | Path, per_row: Sequence[dict[str, Any]], summary
     """Write `results.jsonl` (one result a line) and `summary.json` into `out_dir` (created if
     needed); returns `out_dir`."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "results.jsonl").open("w", encoding="utf-8") as handle:
-        for result in per_row:
-            handle.write(json.dumps(result, ensure_ascii=False) + "\n")
-    (out_dir / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    write_jsonl(out_dir / "results.jsonl", per_row)
+    write_json(out_dir / "summary.json", summary)
     return out_dir

@@ -19,6 +19,7 @@ from typing import Any
 
 from dimoe.errors import UserError
 from dimoe.eval.runner import SCORES_FILE
+from dimoe.io import read_json
 
 # Presets in order of increasing decoding budget; other preset names follow alphabetically.
 PRESET_ORDER = ("fast", "mid", "best")
@@ -85,7 +86,7 @@ def load_runs(eval_dirs: Sequence[str | Path] | str | Path) -> list[EvalRun]:
     for eval_dir in find_eval_dirs(eval_dirs):
         path = eval_dir / SCORES_FILE
         try:
-            scores = json.loads(path.read_text(encoding="utf-8"))
+            scores = read_json(path)
             runs.append(
                 EvalRun(
                     eval_dir,

@@ -7,7 +7,6 @@ NFE × active parameters, the decoding compute per request in billion-parameter 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from dimoe.config.loader import load_config
 from dimoe.errors import UserError
 from dimoe.infer.engine import GenerationEngine, collect_results
 from dimoe.infer.inputs import Request, read_prompts
+from dimoe.io import write_json
 from dimoe.model.params import count_parameters
 
 BASELINE = "llada"
@@ -111,6 +111,5 @@ def run_benchmark(
     report = compare_with_llada(engine, requests, preset, strategy, batch_size, progress, **fields)
     report.update(checkpoint=str(checkpoint), dataset=str(dataset_jsonl))
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
     return report

@@ -16,7 +16,6 @@ of `PREDICTION_FIELDS`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from dimoe.data.chat import Message
 from dimoe.data.formats import RecordFormatError, parse_openai_messages
 from dimoe.data.images import ImageError, decode_image, load_image_bytes
 from dimoe.errors import UserError
+from dimoe.io import iter_jsonl, read_json, write_jsonl
 
 PREDICTION_FIELDS = ("id", "prompt", "output", "prompt_ids", "output_ids", "nfe", "latency_s")
 
@@ -107,19 +107,9 @@ def read_prompts(path: str | Path) -> list[Request]:
 def _rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, decoded row) pairs; for a `.json` list the number is the row's position."""
     if path.suffix == ".jsonl":
-        rows = []
-        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if text.strip():
-                try:
-                    rows.append((number, json.loads(text)))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        return rows
+        return list(iter_jsonl(path))
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = read_json(path)
         if not isinstance(data, list):
             raise InputError(
                 f"{path}: a .json prompts file must hold a list of rows, got {type(data).__name__}"
@@ -170,9 +160,5 @@ def prediction_row(request: Request, result: Result) -> dict[str, Any]:
 
 def write_predictions(path: str | Path, requests: list[Request], results: list[Result]) -> Path:
     """Write one JSON line per request (results in request order)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for request, result in zip(requests, results, strict=True):
-            handle.write(json.dumps(prediction_row(request, result), ensure_ascii=False) + "\n")
-    return path
+    rows = (prediction_row(request, result) for request, result in zip(requests, results, strict=True))
+    return write_jsonl(path, rows)

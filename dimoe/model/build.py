@@ -9,7 +9,9 @@ from transformers import AutoModel, PreTrainedTokenizerBase
 
 from dimoe.config.model import ModelConfig
 from dimoe.data.tokenizer import load_tokenizer, special_token_ids
+from dimoe.errors import UserError
 from dimoe.model.config import hf_config_from_spec
+from dimoe.model.hf_quiet import quiet_transformers
 from dimoe.model.importers import (
     backbone_spec_from_llada,
     import_llada_backbone,
@@ -52,7 +54,8 @@ def build_model(
 def save_checkpoint(model: DiMoEVLModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    with quiet_transformers():
+        model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
 
@@ -67,7 +70,13 @@ def load_checkpoint(
             f"checkpoint not found: {path} has no config.json (expected an HF-format directory written by "
             "`dimoe model init` or `dimoe train run`)"
         )
-    model = AutoModel.from_pretrained(str(path), dtype=dtype or torch.float32)
+    with quiet_transformers():  # no progress bar per load (eval and Serve replicas load often)
+        model, info = AutoModel.from_pretrained(
+            str(path), dtype=dtype or torch.float32, output_loading_info=True
+        )
     if not isinstance(model, DiMoEVLModel):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not a DiMoE-VL model (model_type dimoe_vl)")
+        raise UserError(f"{path} holds a {type(model).__name__}, not a DiMoE-VL model (model_type dimoe_vl)")
+    damaged = {kind: sorted(info[kind])[:5] for kind in ("missing_keys", "mismatched_keys") if info[kind]}
+    if damaged:
+        raise UserError(f"{path}: the weights do not match config.json: {damaged}")
     return model.to(device).eval(), load_tokenizer(path)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from dimoe.config.model import ModelConfig, VisionConfig
 from dimoe.errors import UserError
+from dimoe.io import read_json
+from dimoe.model.hf_quiet import quiet_transformers
 from dimoe.model.modeling import DiMoEVLModel
 
 
@@ -28,7 +29,7 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a local HF model directory")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def backbone_spec_from_llada(directory: str | Path, base: ModelConfig) -> ModelConfig:
@@ -141,7 +142,13 @@ def import_siglip_vision(model: DiMoEVLModel, directory: str | Path) -> int:
     """Copy a local SigLIP vision encoder into the tower; returns the number of tensors copied."""
     if model.vision is None:
         raise ImportErrorDetail("the model has no vision tower to import SigLIP weights into")
-    encoder = SiglipVisionModel.from_pretrained(str(directory))
+    with quiet_transformers():  # a full SiglipModel's text half is expected to go unused
+        encoder, info = SiglipVisionModel.from_pretrained(str(directory), output_loading_info=True)
+    # The pooling head is not part of the tower (vision_use_head=False); key names may or may not
+    # carry the `vision_model.` prefix depending on how the checkpoint was saved.
+    missing = [k for k in info["missing_keys"] if not k.removeprefix("vision_model.").startswith("head.")]
+    if missing:
+        raise ImportErrorDetail(f"SigLIP at {directory} lacks {sorted(missing)[:10]}")
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("vision_model.head.")}
     result = model.vision.encoder.load_state_dict(state, strict=False)
     if result.missing_keys:

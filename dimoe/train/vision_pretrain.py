@@ -25,7 +25,6 @@ import pyarrow.dataset as pads
 import torch
 from PIL import Image
 from transformers import SiglipConfig, SiglipModel
-from transformers.utils import logging as hf_logging
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
@@ -33,6 +32,7 @@ from dimoe.config.train import VisionPretrainConfig
 from dimoe.data.tokenizer import load_tokenizer
 from dimoe.errors import UserError
 from dimoe.io import read_json, write_json
+from dimoe.model.hf_quiet import quiet_transformers
 from dimoe.model.processor import ImageProcessor
 from dimoe.train.progress import StepProgress
 
@@ -180,9 +180,5 @@ def train_siglip(
 def save_siglip(model: SiglipModel, out: Path) -> None:
     """A `SiglipModel` directory, as `model init --vision-from` imports it."""
     out.mkdir(parents=True, exist_ok=True)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # saving builds a default SiglipConfig, which warns about its own ids
-    try:
+    with quiet_transformers():  # saving builds a default SiglipConfig, which warns about its own ids
         model.save_pretrained(str(out), safe_serialization=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)

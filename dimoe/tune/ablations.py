@@ -12,7 +12,6 @@ results table.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from dimoe.config.eval import EvalConfig
 from dimoe.config.loader import ConfigError, load_config
 from dimoe.config.train import TrainConfig
 from dimoe.config.tune import TuneConfig
+from dimoe.io import read_json, write_json
 
 RESULT_COLUMNS = (
     "variant", "seed", "status", "accuracy_best", "accuracy_fast", "nfe_best", "nfe_fast",
@@ -90,7 +90,7 @@ def run_trial(config: dict[str, Any]) -> None:
         **evaluate_trial(cfg, previous, trial_dir / "eval"),
         **diagnose_trial(base_stage_dir / "logs"),
     }
-    (trial_dir / "result.json").write_text(json.dumps(row, indent=2))
+    write_json(trial_dir / "result.json", row)
     tune.report(row)
 
 
@@ -190,13 +190,12 @@ def run_grid(cfg: TuneConfig, variants: list[str] | None = None, *, restart: boo
 def _check_same_grid(root: Path, grid: dict[str, Any], restart: bool) -> None:
     """Resuming a grid whose definition changed would mix results of two grids: refuse it."""
     stored = root / "grid.json"
-    if stored.is_file() and not restart and json.loads(stored.read_text()) != grid:
+    if stored.is_file() and not restart and read_json(stored) != grid:
         raise ConfigError(
             f"{root} holds a grid with a different definition; re-run with --restart to start it over, "
             "or give the new grid its own `name`"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(grid, indent=2))
+    write_json(stored, grid)
 
 
 def _row(result: Any) -> dict[str, Any]:

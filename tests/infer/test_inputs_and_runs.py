@@ -10,9 +10,10 @@ from PIL import Image
 
 from dimoe.config.infer import InferConfig
 from dimoe.config.loader import ConfigError, load_config
+from dimoe.errors import UserError
 from dimoe.infer.benchmark import run_benchmark
 from dimoe.infer.engine import run_generate
-from dimoe.infer.inputs import InputError, read_prompts
+from dimoe.infer.inputs import read_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_RUN = {"steps": 4, "gen_length": 16, "block_length": 8, "batch_size": 2}
@@ -90,7 +91,7 @@ def test_read_prompts_loads_paths_data_urls_and_messages(prompts_file):
 def test_bad_rows_are_one_clear_error(tmp_path, row, message):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "fine"}, row])
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(UserError, match=message):  # InputError, or JsonFileError for a broken line
         read_prompts(path)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from dimoe.model.build import build_model
@@ -109,3 +109,14 @@ def test_backbone_shape_mismatch_is_reported(tiny_spec, tokenizer, tmp_path):
     bad.write_text(json.dumps(cfg))
     with pytest.raises(ImportErrorDetail, match="gate_up_proj: checkpoint"):
         build_model(tiny_spec, tokenizer, backbone_from=tmp_path / "llada")
+
+
+def test_siglip_missing_a_vision_weight_is_reported(tiny_spec, tokenizer, tmp_path):
+    """transformers' own load report is silenced, so the importer must name missing tower weights."""
+    write_siglip(tmp_path / "siglip")
+    weights = load_file(str(tmp_path / "siglip" / "model.safetensors"))
+    dropped = "post_layernorm.weight"
+    del weights[dropped]
+    save_file(weights, str(tmp_path / "siglip" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ImportErrorDetail, match=dropped):
+        build_model(tiny_spec, tokenizer, vision_from=tmp_path / "siglip")

@@ -143,3 +143,22 @@ def test_parameter_groups_partition_the_model(tiny_model):
 def test_build_requires_vision_section_for_vision_weights(tiny_spec, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="vision: null"):
         build_model(tiny_spec.model_copy(update={"vision": None}), tokenizer, vision_from=tmp_path)
+
+
+def test_a_checkpoint_missing_a_weight_fails_loading(checkpoint, tmp_path):
+    """transformers' load report is silenced in load_checkpoint, so a damaged checkpoint must raise."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dimoe.errors import UserError
+    from dimoe.model.build import load_checkpoint
+
+    damaged = shutil.copytree(checkpoint, tmp_path / "damaged")
+    weights = load_file(str(damaged / "model.safetensors"))
+    dropped = next(name for name in weights if name.endswith("q_proj.weight"))
+    del weights[dropped]
+    save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="missing_keys"):
+        load_checkpoint(damaged)
+    load_checkpoint(checkpoint)  # the intact one loads
