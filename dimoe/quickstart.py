@@ -7,7 +7,6 @@ where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -297,5 +296,6 @@ def run_quickstart(
         result["seconds"] = round(time.perf_counter() - start, 1)
         write_json(marker, result)
         results[step.name] = result
-        console.print_json(json.dumps(result))
+        # One compact JSON per step (the full result is in the step's marker file): a few lines each.
+        console.print_json(data=result, indent=None)
     return results
