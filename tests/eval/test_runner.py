@@ -13,6 +13,7 @@ from dimoe.cli import app
 from dimoe.config.eval import EvalConfig
 from dimoe.config.infer import InferConfig
 from dimoe.eval.runner import MissingTaskData, run_eval, score_file
+from tests.eval.rows import vqa_row
 
 INFER = InferConfig.model_validate(
     {
@@ -32,34 +33,10 @@ def eval_config(tmp_path: Path) -> EvalConfig:
     for index, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
         Image.new("RGB", (32, 32), colour).save(data / f"images/{index}.png")
     rows = [
-        {
-            "id": "c0",
-            "image": "images/0.png",
-            "question": "What colour is the shape?",
-            "answer": "red",
-            "question_type": "colour",
-        },
-        {
-            "id": "c1",
-            "image": "images/1.png",
-            "question": "What colour is the shape?",
-            "answer": "blue",
-            "question_type": "colour",
-        },
-        {
-            "id": "c2",
-            "image": "images/0.png",
-            "question": "What colour is it?",
-            "answer": "red",
-            "question_type": "colour",
-        },
-        {
-            "id": "s0",
-            "image": "images/1.png",
-            "question": "What shape is it?",
-            "answer": "square",
-            "question_type": "shape",
-        },
+        vqa_row("c0", "images/0.png", "What colour is the shape?", "red", "colour"),
+        vqa_row("c1", "images/1.png", "What colour is the shape?", "blue", "colour"),
+        vqa_row("c2", "images/0.png", "What colour is it?", "red", "colour"),
+        vqa_row("s0", "images/1.png", "What shape is it?", "square", "shape"),
     ]
     (data / "eval").mkdir()
     (data / "eval/vqa_test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

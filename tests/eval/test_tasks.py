@@ -12,6 +12,7 @@ import yaml
 from dimoe.eval import tasks
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import IMAGE_PLACEHOLDER, Task, get_task, list_tasks, register_task
+from tests.eval.rows import vqa_row
 
 CONFIG = Path(__file__).parents[2] / "configs/eval/default.yaml"
 DEMO_TASKS = ["demo_vqa_colour", "demo_vqa_shape", "demo_vqa_count", "demo_vqa_position", "demo_describe"]
@@ -79,41 +80,11 @@ def test_register_task_adds_a_task_and_refuses_a_taken_name(monkeypatch: pytest.
 def demo_data(tmp_path: Path) -> Path:
     data = tmp_path / "DATA"
     rows = [
-        {
-            "id": "c0",
-            "image": "images/0.png",
-            "question": "What colour is the shape?",
-            "answer": "red",
-            "question_type": "colour",
-        },
-        {
-            "id": "c1",
-            "image": "images/1.png",
-            "question": "What colour is the shape?",
-            "answer": "blue",
-            "question_type": "colour",
-        },
-        {
-            "id": "s0",
-            "image": "images/0.png",
-            "question": "What shape is it?",
-            "answer": "circle",
-            "question_type": "shape",
-        },
-        {
-            "id": "n0",
-            "image": "images/2.png",
-            "question": "How many shapes?",
-            "answer": "3",
-            "question_type": "count",
-        },
-        {
-            "id": "p0",
-            "image": "images/3.png",
-            "question": "Where is the square?",
-            "answer": "top left",
-            "question_type": "position",
-        },
+        vqa_row("c0", "images/0.png", "What colour is the shape?", "red", "colour"),
+        vqa_row("c1", "images/1.png", "What colour is the shape?", "blue", "colour"),
+        vqa_row("s0", "images/0.png", "What shape is it?", "circle", "shape"),
+        vqa_row("n0", "images/2.png", "How many shapes?", "3", "count"),
+        vqa_row("p0", "images/3.png", "Where is the square?", "top left", "position"),
     ]
     write_jsonl(data / "eval/vqa_test.jsonl", rows)
     write_jsonl(
