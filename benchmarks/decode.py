@@ -1,194 +1,218 @@
-"""Decoding speed: `threshold` (+ prefix cache + early stop) versus the `llada` sampler, and
-batch 1 versus batch 16 throughput, on the tiny model at gen length 64, block 32.
+"""Decoding speed beside task accuracy, at gen 64 and 256 (docs/design.md §5).
 
-Without --checkpoint a tiny model (configs/model/tiny.yaml) is built with a tokenizer trained on
-a synthetic arithmetic corpus, then fitted for --fit-steps steps of masked-diffusion SFT on
-"What is a plus b?" → "The answer is c." (responses EOS-padded to the gen length, as LLaDA's SFT
-does). The fit is what makes the comparison meaningful: a random model is never confident and
-never says EOS, so `threshold` would fall back to LLaDA's schedule (--fit-steps 0 shows that).
+Rows: `llada` at LLaDA's published setting (one token per step, steps = gen length, no cache) and
+at the `best` preset (prefix cache), each also with the block cache (Fast-dLLM's DualCache);
+`threshold` within the one-step-per-token budget with the prefix cache and with the block cache;
+and the presets fast / mid / best (`threshold`, prefix cache). Each row prints the task score
+(exact match, token F1) beside tokens/s (median of --repeats), NFE, tokens per forward and NFE ×
+active parameters; each `threshold` row whether it meets the targets: >= 10× the tokens/s of
+one-token-per-step `llada` and >= 3× `llada` at `best`, each at <= 1 point lower score, and >= 5
+tokens per forward. NFE counts a block-cache step, which runs one block, as one forward.
 
-    python benchmarks/decode.py [--checkpoint DIR] [--steps 16,64] [--fit-steps 300] [--json out.json]
+A speed means something only on a model that answers. Without --checkpoint, a tiny model is fitted
+in-process per gen length (benchmarks/decode_task.py: "describe every shape", seeded) until it
+describes a validation set of scenes exactly, and is scored on other held-out scenes. With
+--checkpoint (e.g. the demo's artifacts/train/stage3_lownfe/final), --prompts names a prompts file
+(dimoe.infer.inputs) whose rows also hold their `reference` answer.
+
+    python benchmarks/decode.py [--checkpoint DIR --prompts FILE] [--gen-lengths 64,256] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import os
+import statistics
 import time
 from pathlib import Path
-from tempfile import TemporaryDirectory
+from typing import Any
 
 import torch
+from decode_task import fitted_model, scenes, score, shapes_for
 from rich.console import Console
 from rich.table import Table
 
 from dimoe.config.infer import InferConfig
 from dimoe.config.loader import load_config
-from dimoe.config.model import ModelConfig
-from dimoe.data.chat import Message, encode_chat
-from dimoe.data.tokenizer import train_tokenizer
-from dimoe.diffusion.forward import single_view
-from dimoe.diffusion.losses import masked_diffusion_loss
-from dimoe.infer.benchmark import measure
 from dimoe.infer.engine import GenerationEngine
-from dimoe.infer.inputs import Request
-from dimoe.model.build import build_model, load_checkpoint
+from dimoe.infer.inputs import Request, read_prompts
+from dimoe.io import iter_jsonl
+from dimoe.model.build import load_checkpoint
+from dimoe.model.params import count_parameters
 
-PREAMBLES = ["", "Please help.", "I am doing homework and need to check a sum, please answer it."]
-
-
-def question(a: int, b: int, preamble: str) -> str:
-    return f"{preamble} What is {a} plus {b}?".strip()
-
-
-def demo_pairs(count: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(count):
-        a, b = rng.randrange(100), rng.randrange(100)
-        pairs.append((question(a, b, rng.choice(PREAMBLES)), f"The answer is {a + b}."))
-    return pairs
+BASELINE, BASELINE_BEST = "llada S=G", "llada best"
+TARGETS = {"vs_llada": 10.0, "vs_best": 3.0, "score_drop": 1.0, "tokens_per_forward": 5.0}
 
 
-def build_demo_model(fit_steps: int, gen_length: int, seed: int):
-    """The tiny model with a tokenizer of the demo corpus, fitted for `fit_steps` steps."""
-    pairs = demo_pairs(2000, seed)
-    with TemporaryDirectory() as tmp:
-        tokenizer = train_tokenizer([f"{q} {a}" for q, a in pairs], 600, tmp)
-    model = build_model(load_config("configs/model/tiny.yaml", ModelConfig), tokenizer, seed=seed)
-    fit(model, tokenizer, pairs, fit_steps, gen_length, seed)
-    return model.eval(), tokenizer
+def runs(gen_length: int) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    """(preset, overrides) of every row."""
+    one_per_token = {"steps": gen_length}
+    return {
+        BASELINE: (None, {"strategy": "llada", "cache": "none", **one_per_token}),
+        "llada S=G block": (None, {"strategy": "llada", "cache": "block", **one_per_token}),
+        BASELINE_BEST: ("best", {"strategy": "llada"}),
+        "llada best block": ("best", {"strategy": "llada", "cache": "block"}),
+        "threshold prefix S=G": (None, {"strategy": "threshold", "cache": "prefix", **one_per_token}),
+        "threshold block S=G": (None, {"strategy": "threshold", "cache": "block", **one_per_token}),
+        "fast": ("fast", {}),
+        "mid": ("mid", {}),
+        "best": ("best", {}),
+    }
 
 
-def sft_batch(tokenizer, pairs: list[tuple[str, str]], gen_length: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts, responses EOS-padded to exactly `gen_length` tokens."""
-    rows, prompt_lengths = [], []
-    for q, a in pairs:
-        chat = encode_chat(tokenizer, [Message("user", q), Message("assistant", a)])
-        response = chat.input_ids[chat.prompt_length :][:gen_length]
-        rows.append(
-            chat.input_ids[: chat.prompt_length]
-            + response
-            + [tokenizer.eos_token_id] * (gen_length - len(response))
-        )
-        prompt_lengths.append(chat.prompt_length)
-    width = max(prompt_lengths)
-    pad = [width - n for n in prompt_lengths]
-    ids = torch.tensor([[tokenizer.pad_token_id] * p + row for p, row in zip(pad, rows, strict=True)])
-    column = torch.arange(ids.shape[1])
-    real = column[None] >= torch.tensor(pad)[:, None]
-    return {"input_ids": ids, "attention_mask": real, "prefix_mask": real & (column[None] < width)}
+def measure_run(
+    engine: GenerationEngine,
+    requests: list[Request],
+    references: list[str],
+    repeats: int,
+    preset: str | None,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """Decode `requests` `repeats` times in one batch (after a one-request warm-up); the figures
+    of the module docstring, timings as medians."""
+    engine.generate(requests[:1], preset, **overrides)
+    walls = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        results = engine.generate(requests, preset, batch_size=len(requests), **overrides)
+        walls.append(time.perf_counter() - started)
+    settings = engine.settings(preset, **overrides)
+    tokens = sum(len(r.output_ids) for r in results)
+    nfe = sum(r.nfe for r in results)
+    active_m = count_parameters(engine.model).active_b * 1e3
+    return {
+        "settings": settings.model_dump(),
+        **score(results, references),
+        "tokens_per_s": tokens / statistics.median(walls),
+        "wall_s": walls,
+        "mean_nfe": nfe / len(results),
+        "tokens_per_forward": tokens / max(nfe, 1),
+        "generated_tokens": tokens,
+        "nfe_x_active_params_m": nfe / len(results) * active_m,
+        "sample": results[0].output,
+    }
 
 
-def fit(model, tokenizer, pairs, steps: int, gen_length: int, seed: int, batch_size: int = 16) -> None:
-    """Masked-diffusion SFT (LLaDA: loss on masked response tokens, weighted 1/p(t))."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        batch = sft_batch(tokenizer, random.Random(seed + step).sample(pairs, batch_size), gen_length)
-        response = batch["attention_mask"] & ~batch["prefix_mask"]
-        t = torch.rand(batch_size, generator=generator)
-        noised = single_view(batch["input_ids"], response, t, model.config.mask_token_id, generator)
-        logits = model(
-            noised.noisy_ids, attention_mask=batch["attention_mask"], prefix_mask=batch["prefix_mask"]
-        ).logits
-        loss = masked_diffusion_loss(logits, batch["input_ids"], noised.masked, noised.p).value
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"fit step {step:4d}  loss {loss.item():.3f}")
-
-
-def engine_for(args: argparse.Namespace) -> GenerationEngine:
+def task(args: argparse.Namespace, gen_length: int) -> tuple[GenerationEngine, list[Request], list[str]]:
+    """The engine, requests and reference answers at `gen_length`."""
+    config = load_config("configs/infer/default.yaml", InferConfig)
     if args.checkpoint:
         model, tokenizer = load_checkpoint(args.checkpoint)
-    else:
-        model, tokenizer = build_demo_model(args.fit_steps, args.gen_length, args.seed)
-    preset = {"gen_length": args.gen_length, "block_length": args.block_length, "threshold": args.threshold}
-    config = InferConfig.model_validate({"presets": {"bench": preset}, "default_preset": "bench"})
-    return GenerationEngine(model, tokenizer, config)
+        references = {str(row["id"]): row["reference"] for _, row in iter_jsonl(args.prompts)}
+        requests = read_prompts(args.prompts)[: args.requests]
+        return GenerationEngine(model, tokenizer, config), requests, [references[r.id] for r in requests]
+    shapes = shapes_for(gen_length)
+    validation = scenes(16, shapes, args.seed + 1)
+    model, tokenizer, steps = fitted_model(gen_length, validation, args.fit_steps, args.seed)
+    print(f"gen {gen_length}: fitted for {steps} steps ({shapes} shapes a scene)", flush=True)
+    held_out = scenes(args.requests, shapes, args.seed + 2)
+    requests = [Request(str(i), prompt=q) for i, (q, _) in enumerate(held_out)]
+    return GenerationEngine(model, tokenizer, config), requests, [a for _, a in held_out]
+
+
+def profile(engine: GenerationEngine, requests: list[Request], gen_length: int) -> None:
+    """torch.profiler's top operators (self CPU time) of one `threshold` decode per cache."""
+    for cache in ("none", "prefix", "block"):
+        overrides = {"strategy": "threshold", "steps": gen_length, "gen_length": gen_length, "cache": cache}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            engine.generate(requests, batch_size=len(requests), **overrides)
+        print(f"gen {gen_length}, threshold S=G, cache {cache}: top operators by self CPU time")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def benchmark(args: argparse.Namespace, gen_length: int) -> dict[str, dict[str, Any]]:
+    engine, requests, references = task(args, gen_length)
+    if args.profile:
+        profile(engine, requests, gen_length)
+    figures = {}
+    for name, (preset, overrides) in runs(gen_length).items():
+        figures[name] = measure_run(
+            engine, requests, references, args.repeats, preset, {"gen_length": gen_length, **overrides}
+        )
+        print(f"gen {gen_length}: {name}: {figures[name]['tokens_per_s']:.0f} tok/s", flush=True)
+    return figures
+
+
+def targets(figures: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """Speed-ups of row `name` over the two `llada` rows, its score drop from each (exact match,
+    points) and whether all four targets are met."""
+    row = figures[name]
+    found: dict[str, Any] = {}
+    for key, baseline in (("llada", figures[BASELINE]), ("best", figures[BASELINE_BEST])):
+        found[f"vs_{key}"] = row["tokens_per_s"] / baseline["tokens_per_s"]
+        found[f"drop_vs_{key}"] = baseline["exact_match"] - row["exact_match"]
+    found["met"] = (
+        found["vs_llada"] >= TARGETS["vs_llada"]
+        and found["vs_best"] >= TARGETS["vs_best"]
+        and max(found["drop_vs_llada"], found["drop_vs_best"]) <= TARGETS["score_drop"]
+        and row["tokens_per_forward"] >= TARGETS["tokens_per_forward"]
+    )
+    return found
+
+
+def report(figures: dict[str, dict[str, Any]], title: str, console: Console) -> None:
+    table = Table(title=title)
+    columns = ("run", "strategy", "cache", "steps", "EM", "F1", "tok/s", "×llada", "×best", "NFE", "tok/fwd")
+    for column in (*columns, "NFE×act (M)", "target"):
+        table.add_column(column, justify="right")
+    for name, f in figures.items():
+        s, t = f["settings"], targets(figures, name)
+        table.add_row(
+            name,
+            s["strategy"],
+            s["cache"],
+            str(s["steps"]),
+            f"{f['exact_match']:.1f}",
+            f"{f['token_f1']:.1f}",
+            f"{f['tokens_per_s']:.0f}",
+            f"{t['vs_llada']:.1f}",
+            f"{t['vs_best']:.1f}",
+            f"{f['mean_nfe']:.1f}",
+            f"{f['tokens_per_forward']:.2f}",
+            f"{f['nfe_x_active_params_m']:.1f}",
+            ("met" if t["met"] else "not met") if s["strategy"] == "threshold" else "",
+        )
+    console.print(table)
+    console.print(f"sample ({BASELINE}): {figures[BASELINE]['sample']!r}")
+    if figures[BASELINE]["exact_match"] < 90:
+        console.print(
+            f"[bold red]{BASELINE} scores below 90: the model does not answer, so the speeds mean little"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", help="a trained checkpoint directory (default: the fitted tiny demo model)"
+        "--checkpoint", help="a trained checkpoint (default: fit a tiny model per gen length)"
     )
-    parser.add_argument("--steps", default="16,64", help="comma-separated step budgets to compare")
-    parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--prompts", type=Path, help="with --checkpoint: prompts file with `reference`s")
+    parser.add_argument("--gen-lengths", default="64,256")
+    parser.add_argument("--requests", type=int, default=32, help="held-out prompts, decoded as one batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fit-steps", type=int, default=1500, help="at most this many fitting steps")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="first profile a decode per cache")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
+    if args.checkpoint and not args.prompts:
+        parser.error("--checkpoint needs --prompts (rows with a `reference` answer)")
     torch.set_num_threads(args.threads)
-    engine = engine_for(args)
-    requests = [
-        Request(str(i), prompt=q) for i, (q, _) in enumerate(demo_pairs(args.requests, args.seed + 1))
-    ]
-
-    figures: dict[str, dict] = {}
-    for steps in [int(s) for s in args.steps.split(",")]:
-        for strategy in ("threshold", "llada"):
-            figures[f"{strategy} S={steps} B=16"] = measure(
-                engine, requests, batch_size=16, strategy=strategy, steps=steps
-            )
-    top = max(int(s) for s in args.steps.split(","))
-    for strategy in ("threshold", "llada"):
-        figures[f"{strategy} S={top} B=1"] = measure(
-            engine, requests, batch_size=1, strategy=strategy, steps=top
-        )
-    report(figures, engine, requests, f"gen {args.gen_length} / block {args.block_length}")
-    for strategy in ("threshold", "llada"):
-        gain = (
-            figures[f"{strategy} S={top} B=16"]["tokens_per_s"]
-            / figures[f"{strategy} S={top} B=1"]["tokens_per_s"]
-        )
-        print(f"{strategy}: batch 16 / batch 1 throughput at S={top}: {gain:.2f}x")
+    console = Console(width=160)
+    load_before = os.getloadavg()
+    console.print(f"load average (1, 5, 15 min) at start: {load_before}; {os.cpu_count()} CPUs")
+    all_figures = {}
+    for gen_length in [int(g) for g in args.gen_lengths.split(",")]:
+        all_figures[gen_length] = benchmark(args, gen_length)
+    load_after = os.getloadavg()
+    for gen_length, figures in all_figures.items():
+        title = f"gen {gen_length}, block 32, {args.requests} requests in one batch, median of {args.repeats}"
+        report(figures, title, console)
+    console.print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-
-
-def report(figures: dict[str, dict], engine: GenerationEngine, requests: list[Request], shape: str) -> None:
-    """One table; ratios are against `llada` at the same steps and batch size."""
-    table = Table(title=f"decoding, {shape}, {len(requests)} requests, {time.strftime('%Y-%m-%d %H:%M')}")
-    for column in (
-        "run",
-        "mean NFE",
-        "NFE ratio",
-        "tok/s",
-        "tok/s ratio",
-        "tok/fwd",
-        "p50 s",
-        "p95 s",
-        "NFE×act (B)",
-    ):
-        table.add_column(column, justify="right")
-    for name, f in figures.items():
-        baseline = figures[name.replace("threshold", "llada")]
-        table.add_row(
-            name,
-            f"{f['mean_nfe']:.1f}",
-            f"{f['mean_nfe'] / baseline['mean_nfe']:.2f}",
-            f"{f['tokens_per_s']:.0f}",
-            f"{f['tokens_per_s'] / baseline['tokens_per_s']:.2f}",
-            f"{f['tokens_per_forward']:.2f}",
-            f"{f['latency_p50_s']:.3f}",
-            f"{f['latency_p95_s']:.3f}",
-            f"{f['nfe_x_active_params_b']:.4f}",
-        )
-    console = Console(width=150)
-    console.print(table)
-    for strategy in ("threshold", "llada"):
-        sample = engine.generate(requests[:3], strategy=strategy, steps=16)
-        for request, result in zip(requests[:3], sample, strict=True):
-            console.print(f"{strategy:9s} S=16 {request.prompt!r} → {result.output!r} (NFE {result.nfe})")
+        payload = {"load_before": load_before, "load_after": load_after, "figures": all_figures}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

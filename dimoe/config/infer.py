@@ -17,6 +17,7 @@ from dimoe.config.loader import ConfigError, format_validation_error
 
 STRATEGIES = ("threshold", "llada")
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "block")
 
 
 def _one_of(kind: str, value: str, valid: tuple[str, ...]) -> str:
@@ -40,7 +41,10 @@ class DecodeSettings(StrictModel):
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy; > 0 = Gumbel-max sampling
     remasking: str = "low_confidence"  # `llada` strategy: which tokens a step reveals
     cfg_scale: float = Field(0.0, ge=0.0)  # `llada` strategy: classifier-free guidance (0 = off)
-    prefix_cache: bool = True  # `threshold` strategy: reuse the prompt's keys/values (prefix-mask models)
+    # Keys/values reused across steps (dimoe.infer.engine.ModelLogits): `none`; `prefix`, the prompt's,
+    # computed once (exact; `prefix`-mask models only, `none` for others); `block`, every position
+    # outside the current block, refreshed at each block (Fast-dLLM's DualCache: approximate).
+    cache: str = "prefix"
     seed: int = 0
 
     @field_validator("strategy")
@@ -52,6 +56,11 @@ class DecodeSettings(StrictModel):
     @classmethod
     def _known_remasking(cls, value: str) -> str:
         return _one_of("remasking", value, REMASKING)
+
+    @field_validator("cache")
+    @classmethod
+    def _known_cache(cls, value: str) -> str:
+        return _one_of("cache", value, CACHES)
 
     @property
     def num_blocks(self) -> int:

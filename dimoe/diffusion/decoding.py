@@ -4,12 +4,13 @@ A strategy starts from a response of G mask tokens and reveals tokens over a fix
 steps, semi-autoregressively: the response is split into G / block_length blocks decoded left to
 right, steps / num_blocks steps each. Strategies know nothing of the model: they call
 
-    logits_fn(tokens [b, L], rows [b]) -> logits [b, L, V]
+    logits_fn(tokens [b, L], rows [b], window) -> logits [b, window length, V]
 
-where row i of `tokens` is row `rows[i]` of the batch being decoded (so the caller can pick that
-row's attention mask, image features or prefix cache). `llada_decode` passes the whole sequence
-(prompt + response), as LLaDA's sampler does; `threshold_decode` passes only the response, so a
-caller may answer from a prefix key/value cache.
+where row i of `tokens` is the whole sequence (prompt + response) of row `rows[i]` of the batch
+being decoded (so the caller can pick that row's attention mask, image features or cache), and
+`window` is the slice of positions whose logits the step reads: the current block. Asking for the
+block only lets the caller skip the LM head elsewhere and answer from a cache (the exact prefix
+cache, or Fast-dLLM's block cache, which it refreshes when the window moves to the next block).
 
 Both are generators that yield a `DecodeState` after each committed block (for streaming);
 `final_state` drains one.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 
 @dataclass
@@ -75,8 +76,13 @@ def predict(
     """The predicted clean tokens x0 [b, L] (greedy or Gumbel-sampled) and their probability
     under the model, p(x0) [b, L] in float64: LLaDA's low-confidence score."""
     x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+    return x0, probability_of(logits, x0)
+
+
+def probability_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """p(tokens) [b, L] under softmax(logits), in float64."""
     probs = F.softmax(logits.to(torch.float64), dim=-1)
-    return x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def num_transfer_tokens(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -101,18 +107,45 @@ def guided_logits(
     logits_fn: LogitsFn,
     x: torch.Tensor,
     rows: torch.Tensor,
+    window: slice,
     prompt_index: torch.Tensor,
     mask_id: int,
     cfg_scale: float,
 ) -> torch.Tensor:
-    """Logits of `x`; with cfg_scale > 0, classifier-free guidance as in LLaDA (Nie et al. 2025):
-    the unconditional pass masks every prompt token, and the two are combined as
+    """Logits of `window` of `x`; with cfg_scale > 0, classifier-free guidance as in LLaDA (Nie et
+    al. 2025): the unconditional pass masks every prompt token, and the two are combined as
     un + (cfg + 1)(cond − un). Both passes run as one batch."""
     if cfg_scale <= 0:
-        return logits_fn(x, rows)
+        return logits_fn(x, rows, window)
     unconditional = x.masked_fill(prompt_index, mask_id)
-    conditional, unconditional = logits_fn(torch.cat([x, unconditional]), torch.cat([rows, rows])).chunk(2)
+    conditional, unconditional = logits_fn(
+        torch.cat([x, unconditional]), torch.cat([rows, rows]), window
+    ).chunk(2)
     return unconditional + (cfg_scale + 1) * (conditional - unconditional)
+
+
+def llada_scores(
+    logits: torch.Tensor,
+    length: int,
+    window: slice,
+    remasking: str,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and the remasking score [b, W] of the `window` positions of a sequence of `length`:
+    p(x0) (low_confidence) or U(0, 1) (random). LLaDA's reference sampler draws its Gumbel noise
+    and random scores for every position of the sequence; drawing the same and keeping the window's
+    keeps a seeded run identical to it, though only the window's logits were computed."""
+    if temperature > 0:
+        # Zero logits outside the window only give the noise its whole-sequence shape.
+        padded = F.pad(logits, (0, 0, window.start, length - window.stop))
+        x0 = add_gumbel_noise(padded, temperature, generator)[:, window].argmax(dim=-1)
+    else:
+        x0 = logits.argmax(dim=-1)
+    if remasking == "random":
+        score = torch.rand((logits.shape[0], length), generator=generator, device=logits.device)
+        return x0, score[:, window]
+    return x0, probability_of(logits, x0)
 
 
 @torch.no_grad()
@@ -134,13 +167,15 @@ def llada_decode(
 
     prompt: Long[B, Lp], left-padded (padding is neither mask nor prompt content to the sampler;
     the caller's attention mask hides it). Every step of block k:
-      1. logits of the whole sequence; with cfg_scale > 0 also of the sequence with every prompt
-         token replaced by the mask (unconditional), combined as un + (cfg + 1)(cond - un);
-      2. x0 = argmax of the Gumbel-noised logits (temperature), for every position;
-      3. score each masked position: p(x0) (low_confidence) or U(0, 1) (random); positions after
-         block k score -inf so they stay masked;
+      1. logits of block k given the whole sequence; with cfg_scale > 0 also given the sequence
+         with every prompt token replaced by the mask (unconditional), combined as
+         un + (cfg + 1)(cond - un);
+      2. x0 = argmax of the Gumbel-noised logits (temperature), for every position of block k;
+      3. score each masked position of block k: p(x0) (low_confidence) or U(0, 1) (random);
       4. reveal the num_transfer_tokens[step] best-scoring masked positions with their x0.
-    No cache and no early stop: every step runs the full sequence and the whole G is filled.
+    LLaDA scores the whole sequence with -inf after block k; every position before it is
+    decided, so reading block k alone decides the same tokens. No early stop: the whole G is
+    filled. Every step is one forward (two with CFG), whatever cache the `logits_fn` uses.
     """
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"unknown remasking {remasking!r} (valid: low_confidence, random)")
@@ -152,22 +187,14 @@ def llada_decode(
     rows = torch.arange(batch, device=prompt.device)
     forwards_per_step = 2 if cfg_scale > 0 else 1
     for block in range(num_blocks):
-        block_end = prompt_length + (block + 1) * block_length
-        block_masked = x[:, block_end - block_length : block_end] == mask_id
-        schedule = num_transfer_tokens(block_masked.sum(dim=1), steps_per_block)
+        window = slice(prompt_length + block * block_length, prompt_length + (block + 1) * block_length)
+        schedule = num_transfer_tokens((x[:, window] == mask_id).sum(dim=1), steps_per_block)
         for step in range(steps_per_block):
-            mask_index = x == mask_id
-            logits = guided_logits(logits_fn, x, rows, prompt_index, mask_id, cfg_scale)
-            if remasking == "low_confidence":
-                x0, score = predict(logits, temperature, generator)
-            else:
-                x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
-                score = torch.rand(x0.shape, generator=generator, device=x0.device)
-            score[:, block_end:] = -torch.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, score, -torch.inf)
-            reveal = top_k_per_row(confidence, schedule[:, step])
-            x[reveal] = x0[reveal]
+            logits = guided_logits(logits_fn, x, rows, window, prompt_index, mask_id, cfg_scale)
+            x0, score = llada_scores(logits, x.shape[1], window, remasking, temperature, generator)
+            current = x[:, window]
+            confidence = score.masked_fill(current != mask_id, -torch.inf)
+            x[:, window] = torch.where(top_k_per_row(confidence, schedule[:, step]), x0, current)
         yield DecodeState(
             tokens=x[:, prompt_length:].clone(),
             nfe=torch.full((batch,), (block + 1) * steps_per_block * forwards_per_step, device=x.device),
@@ -208,7 +235,7 @@ def stop_at_eos(tokens: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor
 @torch.no_grad()
 def threshold_decode(
     logits_fn: LogitsFn,
-    batch_size: int,
+    prompt: torch.Tensor,
     *,
     mask_id: int,
     eos_id: int,
@@ -218,14 +245,13 @@ def threshold_decode(
     threshold: float,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
 ) -> Iterator[DecodeState]:
     """Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025, arXiv:2505.22618) within
     LLaDA's block schedule and step budget, with early stop at EOS.
 
-    `logits_fn` sees only the response [b, G]. Every step of block k, for the rows still
-    decoding block k:
-      1. x0, p(x0) from the logits (greedy or Gumbel-sampled, as `llada`);
+    prompt: Long[B, Lp], left-padded as for `llada_decode`. Every step of block k, for the rows
+    still decoding block k:
+      1. x0, p(x0) from the logits of block k (greedy or Gumbel-sampled, as `llada`);
       2. reveal every masked position of block k with p(x0) >= threshold, at least
          ceil(masked in block / steps left in the block's budget) of them (the most confident),
          see `threshold_reveal_count`; so no block takes more than steps / num_blocks steps and
@@ -236,26 +262,27 @@ def threshold_decode(
     per row: each forward counts once for every row it includes.
     """
     num_blocks, steps_per_block = check_schedule(steps, gen_length, block_length)
-    tokens = torch.full((batch_size, gen_length), mask_id, dtype=torch.long, device=device)
-    nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    batch, prompt_length = prompt.shape
+    x = torch.full((batch, prompt_length + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt_length] = prompt
+    tokens = x[:, prompt_length:]  # a view: the response
+    nfe = torch.zeros(batch, dtype=torch.long, device=prompt.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     steps_used = 0
     for block in range(num_blocks):
-        block_slice = slice(block * block_length, (block + 1) * block_length)
+        window = slice(prompt_length + block * block_length, prompt_length + (block + 1) * block_length)
         for step in range(steps_per_block):
-            rows = (~finished & (tokens[:, block_slice] == mask_id).any(dim=1)).nonzero().squeeze(1)
+            rows = (~finished & (x[:, window] == mask_id).any(dim=1)).nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
-            current = tokens[rows, block_slice]
-            # Only the current block is scored (later blocks stay masked), so the float64
-            # softmax and the noise cover block_length positions, not G.
-            x0, probability = predict(logits_fn(tokens[rows], rows)[:, block_slice], temperature, generator)
+            current = x[rows, window]
+            x0, probability = predict(logits_fn(x[rows], rows, window), temperature, generator)
             nfe[rows] += 1
             steps_used += 1
             masked = current == mask_id
             confidence = probability.masked_fill(~masked, -torch.inf)
             count = threshold_reveal_count(confidence, masked.sum(dim=1), threshold, steps_per_block - step)
-            tokens[rows, block_slice] = torch.where(top_k_per_row(confidence, count), x0, current)
+            x[rows, window] = torch.where(top_k_per_row(confidence, count), x0, current)
             finished |= stop_at_eos(tokens, eos_id, mask_id)
         last = block == num_blocks - 1
         yield DecodeState(tokens.clone(), nfe.clone(), steps_used, block, finished | last)

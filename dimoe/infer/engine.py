@@ -6,11 +6,15 @@
 `generate(model, batch, settings)` is the model-level entry: it wires the model into the
 model-agnostic strategies of `dimoe.diffusion.decoding` (docs/design.md §5):
 - images are encoded once per batch, not once per step;
-- with the `threshold` strategy and a model trained with the `prefix` mask, the prompt's keys and
-  values are computed once per request (`return_prefix_cache`) and every step runs the model on
-  the response only; that is exact because prefix tokens never attend to the response;
-- NFE counts denoising forwards (each once per batch row it includes); the one-off prefix pass
-  is, like the vision tower, per-request setup and is not counted.
+- every step computes the LM head for the current block only, the positions the strategy reads;
+- `cache: prefix` with a model trained with the `prefix` mask: the prompt's keys and values are
+  computed once per request (`return_prefix_cache`) and every step runs the model on the
+  response only; that is exact because prefix tokens never attend to the response;
+- `cache: block` (Fast-dLLM's DualCache): a block's first step runs the whole sequence and keeps
+  every position's keys and values, its other steps run the block alone (`ModelLogits.block`);
+- NFE counts denoising forwards (each once per batch row it includes), a block-only forward as
+  one like any other; the one-off prefix pass is, like the vision tower, per-request setup and
+  is not counted.
 
 A request's output does not depend on the rest of its batch: padding is on the left, masked out of
 attention and skipped by the positions (cumsum of the attention mask), and every per-row decision
@@ -38,7 +42,7 @@ from dimoe.diffusion.decoding import DecodeState, final_state, llada_decode, thr
 from dimoe.errors import UserError
 from dimoe.infer.inputs import Request, Result, read_prompts, request_conversation, write_predictions
 from dimoe.model.build import load_checkpoint
-from dimoe.model.modeling import DiMoEVLModel, PrefixCache
+from dimoe.model.modeling import BlockCache, DiMoEVLModel, PrefixCache
 from dimoe.model.processor import ImageProcessor
 
 
@@ -60,12 +64,21 @@ class GenerationResult:
 
 
 class ModelLogits:
-    """The `logits_fn`s of one batch: `full` for whole sequences (llada), `response` for the
-    response alone, answered from the prefix cache when `use_cache`."""
+    """The `logits_fn` of one batch (dimoe.diffusion.decoding): logits of a window of whole
+    sequences (prompt + response) of some of its rows, computed according to `cache`:
 
-    def __init__(self, model: DiMoEVLModel, batch: PromptBatch, gen_length: int, use_cache: bool) -> None:
+    - `none`: a forward of the whole sequences;
+    - `prefix`: a forward of the responses beside the prompts' keys/values, computed once (exact;
+      `prefix`-mask models only, and calls whose prompts are the batch's: a CFG call, whose
+      unconditional half masks the prompt, runs as `none`);
+    - `block`: Fast-dLLM's DualCache: a block's first step runs as `prefix` (or `none`) and keeps
+      every position's keys/values, its other steps run the block alone beside them (`block`).
+    """
+
+    def __init__(self, model: DiMoEVLModel, batch: PromptBatch, gen_length: int, cache: str) -> None:
         self.model = model
         self.prompt = batch.input_ids
+        self.cache = cache
         prompt_real = batch.attention_mask.bool()
         has_image = (batch.input_ids == model.config.image_token_id).any(dim=1)
         self.features = model.encode_images(batch.pixel_values) if bool(has_image.any()) else None
@@ -74,18 +87,23 @@ class ModelLogits:
         response = torch.ones(len(prompt_real), gen_length, dtype=torch.bool, device=prompt_real.device)
         self.attention_mask = torch.cat([prompt_real, response], dim=1)
         self.prefix_mask = torch.cat([prompt_real, ~response], dim=1)
-        self.cache = None
-        if use_cache:
-            self.cache = model(
+        self.prefix = None
+        if cache != "none" and model.config.attention == "prefix":
+            everyone = torch.arange(len(self.prompt), device=self.prompt.device)
+            self.prefix = model(
                 self.prompt,
                 attention_mask=prompt_real,
                 prefix_mask=prompt_real,
-                image_features=self._features(
-                    self.prompt, torch.arange(len(self.prompt), device=self.prompt.device)
-                ),
+                image_features=self._features(self.prompt, everyone),
                 return_prefix_cache=True,
             ).prefix_cache
-        self._selected: tuple[torch.Tensor, PrefixCache] | None = None
+        self._prefix_rows: tuple[torch.Tensor, PrefixCache] | None = None
+        self._block: tuple[torch.Tensor, BlockCache] | None = None
+
+    def __call__(self, tokens: torch.Tensor, rows: torch.Tensor, window: slice) -> torch.Tensor:
+        if self.cache == "block":
+            return self.block(tokens, rows, window)
+        return self.forward(tokens, rows, window)[0]
 
     def _features(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """Features of the rows of `tokens` that hold image tokens (none when CFG masked them)."""
@@ -94,24 +112,67 @@ class ModelLogits:
             return None
         return self.features[self.feature_row[rows[with_image]]]
 
-    def full(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.model(
-            tokens,
-            attention_mask=self.attention_mask[rows],
-            prefix_mask=self.prefix_mask[rows],
-            image_features=self._features(tokens, rows),
-        ).logits
+    def forward(
+        self, tokens: torch.Tensor, rows: torch.Tensor, window: slice, keep_cache: bool = False
+    ) -> tuple[torch.Tensor, PrefixCache | None]:
+        """Logits of `window` of whole sequences, from the prefix cache when it holds their
+        prompts, and with `keep_cache` the keys/values of every position."""
+        length = self.prompt.shape[1]
+        if self.prefix is None or not torch.equal(tokens[:, :length], self.prompt[rows]):
+            out = self.model(
+                tokens,
+                attention_mask=self.attention_mask[rows],
+                prefix_mask=self.prefix_mask[rows],
+                image_features=self._features(tokens, rows),
+                logits_positions=window,
+                return_prefix_cache=keep_cache,
+            )
+            return out.logits, out.prefix_cache
+        prefix = self._prefix_of(rows)
+        in_response = slice(window.start - length, window.stop - length)
+        out = self.model(
+            tokens[:, length:],
+            prefix_cache=prefix,
+            logits_positions=in_response,
+            return_prefix_cache=keep_cache,
+        )
+        return out.logits, prefix.extend(out.prefix_cache) if keep_cache else None
 
-    def response(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            return self.full(torch.cat([self.prompt[rows], tokens], dim=1), rows)[:, self.prompt.shape[1] :]
-        return self.model(tokens, prefix_cache=self._cache_of(rows)).logits
+    def block(self, tokens: torch.Tensor, rows: torch.Tensor, window: slice) -> torch.Tensor:
+        """Logits of `window` by Fast-dLLM's DualCache (Wu et al. 2025, arXiv:2505.22618):
+        the first call of a block (a new window start, or a row the cache does not hold) runs
+        the whole sequences (`forward`) and keeps every position's keys/values; the block's
+        later calls run the window's tokens alone against them. Only the window's tokens change
+        within a block, so the reused keys/values are those of the prompt, the committed blocks
+        and the still-masked later blocks as they were at the block's first step: approximate,
+        except where they cannot depend on the window's tokens (the prompt of a `prefix`-mask
+        model; every position of a one-layer model)."""
+        cache = self._block_cache(rows, window.start)
+        if cache is None:
+            logits, sequence = self.forward(tokens, rows, window, keep_cache=True)
+            self._block = (rows, BlockCache(sequence, window.start))
+            return logits
+        return self.model(tokens[:, window], block_cache=cache).logits
 
-    def _cache_of(self, rows: torch.Tensor) -> PrefixCache:
+    def _block_cache(self, rows: torch.Tensor, start: int) -> BlockCache | None:
+        """The block cache of `rows` for the block at `start`, or None when it must be refreshed."""
+        if self._block is None or self._block[1].start != start:
+            return None
+        cached_rows, cache = self._block
+        if torch.equal(rows, cached_rows):
+            return cache
+        # A strategy drops rows that are finished or done with the block; the rest keep theirs.
+        index = torch.searchsorted(cached_rows, rows).clamp(max=len(cached_rows) - 1)
+        if not torch.equal(cached_rows[index], rows):
+            return None
+        self._block = (rows, cache.select(index))
+        return self._block[1]
+
+    def _prefix_of(self, rows: torch.Tensor) -> PrefixCache:
         # Rows change only when one finishes; reuse the gathered cache until then.
-        if self._selected is None or not torch.equal(self._selected[0], rows):
-            self._selected = (rows, self.cache.select(rows))
-        return self._selected[1]
+        if self._prefix_rows is None or not torch.equal(self._prefix_rows[0], rows):
+            self._prefix_rows = (rows, self.prefix.select(rows))
+        return self._prefix_rows[1]
 
 
 def check_context(prompt_length: int, gen_length: int, context: int) -> None:
@@ -132,35 +193,22 @@ def iter_generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSetti
     check_context(batch.input_ids.shape[1], settings.gen_length, config.max_position_embeddings)
     device = batch.input_ids.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    use_cache = settings.strategy == "threshold" and settings.prefix_cache and config.attention == "prefix"
-    logits = ModelLogits(model, batch, settings.gen_length, use_cache)
-    schedule = {
+    logits = ModelLogits(model, batch, settings.gen_length, settings.cache)
+    shared = {
+        "mask_id": config.mask_token_id,
         "steps": settings.steps,
         "gen_length": settings.gen_length,
         "block_length": settings.block_length,
+        "temperature": settings.temperature,
+        "generator": generator,
     }
     if settings.strategy == "llada":
         yield from llada_decode(
-            logits.full,
-            batch.input_ids,
-            mask_id=config.mask_token_id,
-            temperature=settings.temperature,
-            cfg_scale=settings.cfg_scale,
-            remasking=settings.remasking,
-            generator=generator,
-            **schedule,
+            logits, batch.input_ids, cfg_scale=settings.cfg_scale, remasking=settings.remasking, **shared
         )
     else:
         yield from threshold_decode(
-            logits.response,
-            batch.input_ids.shape[0],
-            mask_id=config.mask_token_id,
-            eos_id=config.eos_token_id,
-            threshold=settings.threshold,
-            temperature=settings.temperature,
-            generator=generator,
-            device=device,
-            **schedule,
+            logits, batch.input_ids, eos_id=config.eos_token_id, threshold=settings.threshold, **shared
         )
 
 

@@ -88,9 +88,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,
         past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Returns the output and this call's own (k, v) [B, Hkv, L, hd] (after norm and RoPE),
-        which is what a prefix cache stores. `past_kv` keys are prepended to this call's keys."""
+        which is what a cache stores. With `past_kv`, this call's keys/values follow the cached
+        ones (a cached prefix), or with `start` they are written over the cached positions
+        start..start+L-1 (the block of a cached sequence), in place: a block cache then holds
+        the block's latest keys, and no step copies the whole cache."""
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -99,9 +103,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         own_kv = (k, v)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-            v = torch.cat([past_kv[1], v], dim=2)
+        if past_kv is not None and start is None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        elif past_kv is not None:
+            for cached, own in zip(past_kv, own_kv, strict=True):
+                cached[:, :, start : start + length] = own
+            k, v = past_kv
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -27,15 +27,40 @@ from dimoe.model.vision import VisionTower
 
 @dataclass
 class PrefixCache:
-    """Keys/values of the prefix (image + prompt) for every layer, valid only for `prefix`-mask
-    models: the prefix never attends to the response, so these never change during decoding."""
+    """Keys/values of the leading positions of a sequence for every layer. Of the prefix (image +
+    prompt) they are exact for `prefix`-mask models: the prefix never attends to the response, so
+    they never change during decoding. Of a whole sequence they make a `BlockCache`."""
 
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
-    attention_mask: torch.Tensor  # [B, Lp] real-token mask of the prefix
+    attention_mask: torch.Tensor  # [B, Lp] real-token mask of the cached positions
 
     def select(self, rows: torch.Tensor) -> PrefixCache:
         """The cache of a subset of batch rows (for a decoder that drops finished sequences)."""
         return PrefixCache([(k[rows], v[rows]) for k, v in self.key_values], self.attention_mask[rows])
+
+    def extend(self, after: PrefixCache) -> PrefixCache:
+        """These positions followed by those of `after` (e.g. a prompt's cache, then its response's)."""
+        return PrefixCache(
+            [
+                (torch.cat([k, k_after], dim=2), torch.cat([v, v_after], dim=2))
+                for (k, v), (k_after, v_after) in zip(self.key_values, after.key_values, strict=True)
+            ],
+            torch.cat([self.attention_mask.bool(), after.attention_mask.bool()], dim=1),
+        )
+
+
+@dataclass
+class BlockCache:
+    """Keys/values of every position of a sequence, for decoding the block that starts at `start`:
+    a forward given it runs only the block's tokens, which attend to the cached keys of every other
+    position and to their own fresh keys (Fast-dLLM's DualCache, Wu et al. 2025, arXiv:2505.22618).
+    Approximate: the other positions' keys were computed before the block's tokens last changed."""
+
+    sequence: PrefixCache
+    start: int
+
+    def select(self, rows: torch.Tensor) -> BlockCache:
+        return BlockCache(self.sequence.select(rows), self.start)
 
 
 @dataclass
@@ -76,8 +101,9 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,
         past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], RouterOutput]:
-        attn, own_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        attn, own_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv, start)
         x = x + attn
         ffn, route = self.mlp(self.post_attention_layernorm(x))
         return x + ffn, own_kv, route
@@ -194,24 +220,36 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
             raise ValueError(f"every row with an image must hold exactly {n_tokens} image tokens")
         return image_features
 
+    def _cached_keys(
+        self, real: torch.Tensor, prefix_cache: PrefixCache | None, block_cache: BlockCache | None
+    ) -> tuple[torch.Tensor, int]:
+        """The real-token mask of every key [B, Lk] (cached and own) and the index among them of the
+        tokens' first own key, from the tokens' real-token mask `real` [B, L]."""
+        if block_cache is not None:
+            if prefix_cache is not None:
+                raise ValueError("give at most one of prefix_cache and block_cache")
+            return block_cache.sequence.attention_mask.bool(), block_cache.start
+        if prefix_cache is None:
+            return real, 0
+        if self.config.attention != "prefix":
+            raise ValueError("a prefix cache is exact only for models trained with the `prefix` mask")
+        prefix_real = prefix_cache.attention_mask.bool()
+        return torch.cat([prefix_real, real], dim=1), prefix_real.shape[1]
+
     def _positions_and_mask(
         self,
         real: torch.Tensor,
         prefix_mask: torch.Tensor | None,
-        prefix_cache: PrefixCache | None,
+        key_real: torch.Tensor,
+        start: int,
+        cached: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE positions [B, L] of the tokens and their attention mask over the keys (the cached
-        prefix, if any, then the tokens), from the real-token mask `real` [B, L]."""
-        if prefix_cache is None:
-            key_real = real
-        elif self.config.attention != "prefix":
-            raise ValueError("a prefix cache is exact only for models trained with the `prefix` mask")
-        else:
-            key_real = torch.cat([prefix_cache.attention_mask.bool(), real], dim=1)
+        """RoPE positions [B, L] of the tokens, which are keys start..start+L-1 of `key_real`, and
+        their attention mask over the keys."""
         # A position counts the real tokens before it, so left padding does not shift RoPE.
-        positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, -real.shape[1] :]
-        # After a cached prefix every token is a response token: it sees the prefix and itself.
-        use_prefix = self.config.attention == "prefix" and prefix_mask is not None and prefix_cache is None
+        positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start : start + real.shape[1]]
+        # Beside a cache every token is a response token: it sees every real key.
+        use_prefix = self.config.attention == "prefix" and prefix_mask is not None and not cached
         query_prefix = prefix_mask.bool() & real if use_prefix else None
         return positions, build_attention_mask(key_real, query_prefix, query_prefix)
 
@@ -226,9 +264,11 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         image_features: torch.Tensor | None = None,
         prefix_cache: PrefixCache | None = None,
         return_prefix_cache: bool = False,
+        block_cache: BlockCache | None = None,
+        logits_positions: slice | None = None,
         **_: object,
     ) -> DiMoEOutput:
-        """Logits for every position of `input_ids` [B, L].
+        """Logits for every position of `input_ids` [B, L] (or for `logits_positions` of them).
 
         attention_mask: [B, L] 1 for real tokens, 0 for padding (left padding expected).
         prefix_mask: [B, L] True for image + prompt tokens; used when `config.attention == "prefix"`
@@ -236,22 +276,30 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         prefix_cache: keys/values of an already-encoded prefix; `input_ids` is then only the part
             after it, and every token of it is a non-prefix token (it sees the prefix and itself).
         return_prefix_cache: return this call's keys/values as a `PrefixCache` (call it on the
-            prefix alone).
+            prefix alone, or on a whole sequence to make a `BlockCache`).
+        block_cache: keys/values of a whole sequence; `input_ids` is then only its block at
+            `block_cache.start` (response tokens, which see every real token), whose keys/values
+            this call writes into the cache.
+        logits_positions: the positions whose logits are wanted; the LM head, a vocabulary-wide
+            matmul per position, then skips the others (a decoder reads one block of them).
         """
         real = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
-        positions, mask = self._positions_and_mask(real, prefix_mask, prefix_cache)
+        key_real, first = self._cached_keys(real, prefix_cache, block_cache)
+        cache = block_cache.sequence if block_cache is not None else prefix_cache
+        positions, mask = self._positions_and_mask(real, prefix_mask, key_real, first, cache is not None)
+        start = block_cache.start if block_cache is not None else None
         x = self.embed(input_ids, pixel_values, image_features)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         routes: list[RouterOutput] = []
         own_kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
-            past = prefix_cache.key_values[i] if prefix_cache is not None else None
-            x, own_kv, route = layer(x, cos, sin, mask, past)
+            past = cache.key_values[i] if cache is not None else None
+            x, own_kv, route = layer(x, cos, sin, mask, past, start)
             routes.append(route)
             own_kvs.append(own_kv)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x if logits_positions is None else x[:, logits_positions]))
 
         def per_layer(field: str) -> tuple[torch.Tensor, ...]:
             # The router sees tokens flattened to [B·L, ·]; callers index by [B, L].

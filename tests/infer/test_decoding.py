@@ -25,11 +25,15 @@ def toy_logits(seed: int = 0, scale: float = 3.0):
     table[:, [MASK, EOS]] = -1e4
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def logits_fn(tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def logits_fn(tokens: torch.Tensor, rows: torch.Tensor, window: slice) -> torch.Tensor:
         calls.append((tokens.clone(), rows.clone()))
-        return table[: tokens.shape[1]].expand(tokens.shape[0], -1, -1) + rows[:, None, None] * 0.37
+        return table[window].expand(tokens.shape[0], -1, -1) + rows[:, None, None] * 0.37
 
     return logits_fn, calls
+
+
+def no_prompt(batch: int) -> torch.Tensor:
+    return torch.empty(batch, 0, dtype=torch.long)
 
 
 def revealed_per_call(calls, final_tokens: torch.Tensor, start: int = 0) -> list[list[int]]:
@@ -155,7 +159,8 @@ def test_llada_matches_a_plain_reference_loop(full_model, tokenizer, temperature
     )
     state = final_state(
         llada_decode(
-            lambda x, rows: full_model(x).logits,
+            # The LM head of the current block only: the same tokens as LLaDA's whole-sequence logits.
+            lambda x, rows, window: full_model(x, logits_positions=window).logits,
             prompt,
             mask_id=full_model.config.mask_token_id,
             temperature=temperature,
@@ -172,7 +177,14 @@ def test_threshold_above_one_reveals_one_token_per_step():
     logits_fn, calls = toy_logits()
     state = final_state(
         threshold_decode(
-            logits_fn, 2, mask_id=MASK, eos_id=EOS, steps=8, gen_length=8, block_length=4, threshold=1.5
+            logits_fn,
+            no_prompt(2),
+            mask_id=MASK,
+            eos_id=EOS,
+            steps=8,
+            gen_length=8,
+            block_length=4,
+            threshold=1.5,
         )
     )
     assert revealed_per_call(calls, state.tokens) == [[1, 1]] * 8
@@ -183,7 +195,14 @@ def test_threshold_above_one_follows_llada_low_confidence_schedule():
     logits_fn, calls = toy_logits()
     state = final_state(
         threshold_decode(
-            logits_fn, 1, mask_id=MASK, eos_id=EOS, steps=4, gen_length=12, block_length=6, threshold=2.0
+            logits_fn,
+            no_prompt(1),
+            mask_id=MASK,
+            eos_id=EOS,
+            steps=4,
+            gen_length=12,
+            block_length=6,
+            threshold=2.0,
         )
     )
     assert revealed_per_call(calls, state.tokens) == [[3]] * 4
@@ -213,7 +232,14 @@ def test_threshold_never_exceeds_the_step_budget_and_reveals_confident_tokens_to
     logits_fn, calls = toy_logits(scale=4.0)
     state = final_state(
         threshold_decode(
-            logits_fn, 3, mask_id=MASK, eos_id=EOS, steps=8, gen_length=16, block_length=8, threshold=0.7
+            logits_fn,
+            no_prompt(3),
+            mask_id=MASK,
+            eos_id=EOS,
+            steps=8,
+            gen_length=16,
+            block_length=8,
+            threshold=0.7,
         )
     )
     assert not (state.tokens == MASK).any()
@@ -226,7 +252,7 @@ def eos_logits_fn(calls):
     """Row 0: a confident answer of three 5s then confident EOS. Row 1: the same, but the answer
     is unsure (one token per step). Row 2: never EOS, unsure everywhere."""
 
-    def logits_fn(tokens, rows):
+    def logits_fn(tokens, rows, window):
         calls.append(rows.clone())
         logits = torch.zeros(len(rows), tokens.shape[1], VOCAB)
         for i, row in enumerate(rows.tolist()):
@@ -235,7 +261,7 @@ def eos_logits_fn(calls):
                 continue
             logits[i, :3, 5] = 10.0 if row == 0 else 1.0
             logits[i, 3:, EOS] = 10.0
-        return logits
+        return logits[:, window]
 
     return logits_fn
 
@@ -245,7 +271,7 @@ def test_early_stop_fills_eos_and_saves_forwards():
     states = list(
         threshold_decode(
             eos_logits_fn(calls),
-            3,
+            no_prompt(3),
             mask_id=MASK,
             eos_id=EOS,
             steps=16,
@@ -271,3 +297,23 @@ def test_stop_at_eos_waits_for_the_positions_before_the_eos():
     done = stop_at_eos(tokens, EOS, MASK)
     assert done.tolist() == [False, True, False]
     assert tokens.tolist() == [[5, MASK, EOS, MASK], [5, 6, EOS, EOS], [5, 6, 7, MASK]]
+
+
+def test_strategies_ask_for_the_current_block_only():
+    """The window a strategy reads is its current block, in the whole sequence's positions."""
+    windows: list[slice] = []
+
+    def logits_fn(tokens, rows, window):
+        windows.append(window)
+        return torch.zeros(len(rows), window.stop - window.start, VOCAB)
+
+    prompt = torch.tensor([[5, 6, 7]])
+    final_state(llada_decode(logits_fn, prompt, mask_id=MASK, steps=4, gen_length=8, block_length=4))
+    assert windows == [slice(3, 7)] * 2 + [slice(7, 11)] * 2
+    windows.clear()
+    final_state(
+        threshold_decode(
+            logits_fn, prompt, mask_id=MASK, eos_id=EOS, steps=4, gen_length=8, block_length=4, threshold=2.0
+        )
+    )
+    assert windows == [slice(3, 7)] * 2 + [slice(7, 11)] * 2

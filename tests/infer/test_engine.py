@@ -13,16 +13,22 @@ def test_prefix_cache_gives_the_logits_of_the_full_sequence(engine, requests_mix
     settings = engine.settings()
     batch = engine.collate([engine.encode(i, r, settings) for i, r in enumerate(requests_mixed)])
     gen_length = 12
-    cached = ModelLogits(engine.model, batch, gen_length, use_cache=True)
-    uncached = ModelLogits(engine.model, batch, gen_length, use_cache=False)
+    cached = ModelLogits(engine.model, batch, gen_length, cache="prefix")
+    uncached = ModelLogits(engine.model, batch, gen_length, cache="none")
     response = torch.randint(
         10, 200, (len(requests_mixed), gen_length), generator=torch.Generator().manual_seed(0)
     )
     response[:, ::3] = engine.model.config.mask_token_id
-    for rows in (torch.arange(4), torch.tensor([1, 2]), torch.tensor([3])):
+    tokens = torch.cat([batch.input_ids, response], dim=1)
+    prompt_length = batch.input_ids.shape[1]
+    for rows, window in (
+        (torch.arange(4), slice(prompt_length, prompt_length + gen_length)),
+        (torch.tensor([1, 2]), slice(prompt_length + 4, prompt_length + 8)),
+        (torch.tensor([3]), slice(prompt_length + 8, prompt_length + 12)),
+    ):
         with torch.no_grad():
-            expected = uncached.response(response[rows], rows)
-            got = cached.response(response[rows], rows)
+            expected = uncached(tokens[rows], rows, window)
+            got = cached(tokens[rows], rows, window)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -32,16 +38,17 @@ def _outputs(results):
 
 def test_engine_outputs_are_identical_with_and_without_cache(engine, requests_mixed):
     with_cache = engine.generate(requests_mixed)
-    without = engine.generate(requests_mixed, prefix_cache=False)
+    without = engine.generate(requests_mixed, cache="none")
     assert _outputs(with_cache) == _outputs(without)
     assert any(r.nfe < engine.settings().steps for r in with_cache)  # parallel reveals happened
 
 
+@pytest.mark.parametrize("cache", ["prefix", "block"])
 @pytest.mark.parametrize("strategy", ["threshold", "llada"])
-def test_outputs_do_not_depend_on_the_rest_of_the_batch(engine, requests_mixed, strategy):
-    together = engine.generate(requests_mixed, strategy=strategy, batch_size=4)
-    alone = [engine.generate([r], strategy=strategy)[0] for r in requests_mixed]
-    reordered = engine.generate(requests_mixed[::-1], strategy=strategy, batch_size=3)[::-1]
+def test_outputs_do_not_depend_on_the_rest_of_the_batch(engine, requests_mixed, strategy, cache):
+    together = engine.generate(requests_mixed, strategy=strategy, cache=cache, batch_size=4)
+    alone = [engine.generate([r], strategy=strategy, cache=cache)[0] for r in requests_mixed]
+    reordered = engine.generate(requests_mixed[::-1], strategy=strategy, cache=cache, batch_size=3)[::-1]
     assert _outputs(together) == _outputs(alone) == _outputs(reordered)
 
 
@@ -105,6 +112,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(engine):
         ({"strategy": "greedy"}, r"unknown strategy 'greedy' \(valid: threshold, llada\)"),
         ({"steps": 7}, r"steps=7 must be a multiple of the number of blocks"),
         ({"remasking": "random"}, r"threshold strategy .* needs remasking=low_confidence"),
+        ({"cache": "disk"}, r"unknown cache 'disk' \(valid: none, prefix, block\)"),
     ],
 )
 def test_bad_settings_are_one_clear_error(engine, kwargs, message):
