@@ -327,6 +327,10 @@ def tune_run(
 # -- infer -------------------------------------------------------------------------------------------
 Preset = Annotated[str | None, typer.Option(help="fast | mid | best (8 / 16 / 32 steps).")]
 Strategy = Annotated[str | None, typer.Option(help="threshold (default) | llada.")]
+Cache = Annotated[
+    str | None,
+    typer.Option(help="none | prefix (exact prompt cache; the presets' default) | block (approximate)."),
+]
 InferConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="Infer config (default configs/infer/default.yaml).")
 ]
@@ -342,6 +346,7 @@ def infer_generate(
     out: Annotated[Path, typer.Option(help="Output preds.jsonl.")],
     preset: Preset = "mid",
     strategy: Strategy = None,
+    cache: Cache = None,
     steps: int | None = None,
     gen_length: int | None = None,
     block_length: int | None = None,
@@ -355,7 +360,8 @@ def infer_generate(
     from dimoe.infer.engine import run_generate
 
     overrides = {"strategy": strategy, "steps": steps, "gen_length": gen_length, "block_length": block_length,
-                 "temperature": temperature, "threshold": threshold, "batch_size": batch_size}  # fmt: skip
+                 "temperature": temperature, "threshold": threshold, "batch_size": batch_size,
+                 "cache": cache}  # fmt: skip
     summary = run_generate(
         checkpoint, input, out, preset, overrides, progress=True, config_path=config, set_overrides=set_ or []
     )
@@ -374,6 +380,7 @@ def infer_benchmark(
     out: Annotated[Path, typer.Option(help="Where to write bench.json.")] = Path("bench.json"),
     preset: Preset = "mid",
     strategy: Strategy = None,
+    cache: Cache = None,
     batch_size: int | None = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     config: InferConfigOpt = None,
@@ -415,7 +422,7 @@ def infer_benchmark(
     print_json(
         run_benchmark(
             checkpoint, dataset_jsonl, preset, strategy, out=out, batch_size=batch_size, limit=limit,
-            config_path=config, set_overrides=set_ or [],
+            overrides={"cache": cache} if cache else None, config_path=config, set_overrides=set_ or [],
         )
     )  # fmt: skip
 
@@ -448,6 +455,7 @@ def eval_run(
     suite: Annotated[str, typer.Option(help="Suite name from the config, or one task name.")] = "demo",
     preset: Preset = "mid",
     strategy: Strategy = None,
+    cache: Cache = None,
     threshold: Annotated[
         float | None, typer.Option(help="Confidence to reveal a token early (threshold strategy).")
     ] = None,
@@ -474,7 +482,7 @@ def eval_run(
     _connect_ray(address)
     scores = run_eval(
         cfg, suite, preset, checkpoint, out_dir, strategy=strategy,
-        overrides={"threshold": threshold, "gen_length": gen_length}, infer_config=presets,
+        overrides={"threshold": threshold, "gen_length": gen_length, "cache": cache}, infer_config=presets,
         num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size, progress=True,
     )  # fmt: skip
     print_json(scores)

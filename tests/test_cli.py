@@ -79,3 +79,27 @@ def test_only_user_errors_become_one_line():
     assert user.exit_code == 2 and "error: bad input: fix it" in user.output
     bug = runner.invoke(demo, ["bug"])
     assert bug.exit_code == 1 and isinstance(bug.exception, KeyError)
+
+
+@pytest.mark.parametrize("cache", ["none", "block"])
+def test_infer_generate_cache_flag_reaches_the_engine(checkpoint, tmp_path, cache):
+    """`--cache` decodes as the engine with that setting (not the preset's `prefix`); the
+    block cache is approximate, so it is compared with itself, not with `prefix`."""
+    from dimoe.infer.engine import GenerationEngine
+    from dimoe.infer.inputs import Request
+    from dimoe.io import read_jsonl, write_jsonl
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"id": "a", "prompt": "What is 2 plus 3?"}])
+    argv = ["infer", "generate", "--checkpoint", str(checkpoint), "--input", str(prompts),
+            "--out", str(tmp_path / "preds.jsonl"), "--preset", "fast", "--gen-length", "16",
+            "--cache", cache]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    (row,) = read_jsonl(tmp_path / "preds.jsonl")
+    engine = GenerationEngine.from_checkpoint(checkpoint)
+    request = Request("a", prompt="What is 2 plus 3?")
+    expected = engine.generate([request], "fast", gen_length=16, cache=cache)[0]
+    assert row["output"] == expected.output and row["nfe"] == expected.nfe
+    bad = CliRunner().invoke(app, [*argv[:-1], "dual"])
+    assert bad.exit_code == 2 and "unknown cache 'dual'" in bad.output

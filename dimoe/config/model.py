@@ -59,6 +59,9 @@ class ModelConfig(StrictModel):
     moe_intermediate_size: int = Field(128, gt=0)
     shared_expert_intermediate_size: int = Field(0, ge=0)  # 0 = no shared expert
     norm_topk_prob: bool = True
+    # Expert dispatch (dimoe/model/moe.py): auto = one grouped GEMM per projection where
+    # torch._grouped_mm runs, else the per-expert loop; grouped / loop force one. Same outputs.
+    moe_dispatch: Literal["auto", "grouped", "loop"] = "auto"
     qk_norm: bool = True
     rope_theta: float = 10000.0
     max_position_embeddings: int = Field(512, gt=0)

@@ -92,6 +92,7 @@ class DecoderLayer(nn.Module):
             config.num_experts_per_tok,
             config.norm_topk_prob,
             config.shared_expert_intermediate_size,
+            config.moe_dispatch,
         )
 
     def forward(

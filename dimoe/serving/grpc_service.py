@@ -19,7 +19,16 @@ from dimoe.serving.jobs import Completion, DecodeJob, generate_job
 from dimoe.serving.proto import dimoe_pb2 as pb2
 from dimoe.serving.schemas import GenerateRequest
 
-OPTIONAL_FIELDS = ("strategy", "steps", "gen_length", "block_length", "threshold", "temperature", "seed")
+OPTIONAL_FIELDS = (
+    "strategy",
+    "steps",
+    "gen_length",
+    "block_length",
+    "threshold",
+    "temperature",
+    "seed",
+    "cache",
+)
 
 
 class GrpcMethods:

@@ -95,7 +95,7 @@ def generate_job(
 
 def decode_overrides(fields: DecodeFields, **extra: Any) -> dict[str, Any]:
     """The decoding fields the caller set (None = keep the preset's)."""
-    given = fields.model_dump(include={"strategy", "steps", "block_length", "threshold", "seed"})
+    given = fields.model_dump(include={"strategy", "steps", "block_length", "threshold", "cache", "seed"})
     return {key: value for key, value in {**given, **extra}.items() if value is not None}
 
 

@@ -25,6 +25,7 @@ class DecodeFields(Wire):
     steps: int | None = Field(None, gt=0)
     block_length: int | None = Field(None, gt=0)
     threshold: float | None = Field(None, ge=0.0, le=1.0)
+    cache: str | None = None  # none, prefix or block (docs/design.md §5)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch's generator takes at most 64 bits
 
 

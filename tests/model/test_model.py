@@ -162,3 +162,19 @@ def test_a_checkpoint_missing_a_weight_fails_loading(checkpoint, tmp_path):
     with pytest.raises(UserError, match="missing_keys"):
         load_checkpoint(damaged)
     load_checkpoint(checkpoint)  # the intact one loads
+
+
+def test_moe_dispatch_field_switches_the_expert_path_with_equal_results(tiny_spec, tokenizer):
+    """`moe_dispatch` reaches every layer's experts and is saved in config.json; the loop
+    fallback and the grouped GEMM give the same logits and weight gradients."""
+    results = {}
+    for dispatch in ("loop", "grouped"):
+        model = build_model(tiny_spec.model_copy(update={"moe_dispatch": dispatch}), tokenizer, seed=0)
+        assert {layer.mlp.experts.dispatch for layer in model.layers} == {dispatch}
+        ids, prefix_mask, pixels = batch(model)
+        out = model(ids, None, pixels, prefix_mask=prefix_mask).logits
+        out.square().mean().backward()
+        results[dispatch] = (out.detach(), model.layers[0].mlp.experts.down_proj.grad)
+    assert model.config.to_dict()["moe_dispatch"] == "grouped"
+    torch.testing.assert_close(results["grouped"][0], results["loop"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results["grouped"][1], results["loop"][1], rtol=1e-4, atol=1e-6)

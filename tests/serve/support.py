@@ -2,6 +2,7 @@
 
 import base64
 import io
+from typing import Any
 
 from PIL import Image
 
@@ -23,7 +24,7 @@ def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def direct(engine: GenerationEngine, request: Request) -> Result:
+def direct(engine: GenerationEngine, request: Request, **overrides: Any) -> Result:
     """What the engine decodes for `request` with preset fast and max_tokens 16, which the server
     turns into one 16-token block in fast's 8 steps."""
-    return engine.generate([request], preset="fast", gen_length=16, block_length=16, steps=8)[0]
+    return engine.generate([request], preset="fast", gen_length=16, block_length=16, steps=8, **overrides)[0]

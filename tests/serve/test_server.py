@@ -89,6 +89,28 @@ def test_openai_client_streams_blocks(client, engine):
     assert chunks[-1].usage.completion_tokens == len(expected.output_ids)
 
 
+def test_cache_field_decodes_as_the_engine_with_that_cache(client, server, engine):
+    """`cache` (an extension field, like `preset`) reaches the engine over REST and gRPC; the
+    block cache is approximate, so the reference is the engine run with the same setting."""
+    prompt = "What is 2 plus 5?"
+    expected = direct(engine, Request("x", prompt=prompt), cache="block")
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=16,
+        extra_body={"preset": "fast", "cache": "block"},
+    )  # fmt: skip
+    assert response.choices[0].message.content == expected.output
+    assert response.model_extra["dimoe"]["nfe"] == expected.nfe
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        request = pb2.GenerateRequest(prompt=prompt, preset="fast", gen_length=16, cache="block")
+        metadata = [("authorization", f"Bearer {API_KEY}")]
+        reply = pb2_grpc.DiMoEStub(channel).Generate(request, metadata=metadata)
+    assert reply.text == expected.output
+    with pytest.raises(openai.BadRequestError, match="cache"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], extra_body={"cache": "dual"}
+        )
+
+
 def test_raw_sse_ends_with_done(http):
     with http.stream(
         "POST", "/v1/chat/completions", headers=AUTH, json=chat_body("Hi", stream=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64imoe/serving/proto/dimoe.proto\x12\x08\x64imoe.v1\"\xc2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x15\n\x08strategy\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\ngen_length\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0c\x62lock_length\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tthreshold\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x06\x88\x01\x01\x42\x0b\n\t_strategyB\x08\n\x06_stepsB\r\n\x0b_gen_lengthB\x0f\n\r_block_lengthB\x0c\n\n_thresholdB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xb4\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0b\n\x03nfe\x18\x06 \x01(\x05\x12\x11\n\tlatency_s\x18\x07 \x01(\x01\x12\x1d\n\x15nfe_x_active_params_b\x18\x08 \x01(\x01\"s\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12*\n\x06result\x18\x05 \x01(\x0b\x32\x1a.dimoe.v1.GenerateResponse\"\x0f\n\rHealthRequest\"+\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t2\xcf\x01\n\x05\x44iMoE\x12\x41\n\x08Generate\x12\x19.dimoe.v1.GenerateRequest\x1a\x1a.dimoe.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.dimoe.v1.GenerateRequest\x1a\x17.dimoe.v1.GenerateChunk0\x01\x12;\n\x06Health\x12\x17.dimoe.v1.HealthRequest\x1a\x18.dimoe.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64imoe/serving/proto/dimoe.proto\x12\x08\x64imoe.v1\"\xe0\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x15\n\x08strategy\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\ngen_length\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0c\x62lock_length\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tthreshold\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x06\x88\x01\x01\x12\x12\n\x05\x63\x61\x63he\x18\x0b \x01(\tH\x07\x88\x01\x01\x42\x0b\n\t_strategyB\x08\n\x06_stepsB\r\n\x0b_gen_lengthB\x0f\n\r_block_lengthB\x0c\n\n_thresholdB\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x08\n\x06_cache\"\xb4\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0b\n\x03nfe\x18\x06 \x01(\x05\x12\x11\n\tlatency_s\x18\x07 \x01(\x01\x12\x1d\n\x15nfe_x_active_params_b\x18\x08 \x01(\x01\"s\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12*\n\x06result\x18\x05 \x01(\x0b\x32\x1a.dimoe.v1.GenerateResponse\"\x0f\n\rHealthRequest\"+\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t2\xcf\x01\n\x05\x44iMoE\x12\x41\n\x08Generate\x12\x19.dimoe.v1.GenerateRequest\x1a\x1a.dimoe.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.dimoe.v1.GenerateRequest\x1a\x17.dimoe.v1.GenerateChunk0\x01\x12;\n\x06Health\x12\x17.dimoe.v1.HealthRequest\x1a\x18.dimoe.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dimoe.serving.proto.dimoe_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=368
-  _globals['_GENERATERESPONSE']._serialized_start=371
-  _globals['_GENERATERESPONSE']._serialized_end=551
-  _globals['_GENERATECHUNK']._serialized_start=553
-  _globals['_GENERATECHUNK']._serialized_end=668
-  _globals['_HEALTHREQUEST']._serialized_start=670
-  _globals['_HEALTHREQUEST']._serialized_end=685
-  _globals['_HEALTHRESPONSE']._serialized_start=687
-  _globals['_HEALTHRESPONSE']._serialized_end=730
-  _globals['_DIMOE']._serialized_start=733
-  _globals['_DIMOE']._serialized_end=940
+  _globals['_GENERATEREQUEST']._serialized_end=398
+  _globals['_GENERATERESPONSE']._serialized_start=401
+  _globals['_GENERATERESPONSE']._serialized_end=581
+  _globals['_GENERATECHUNK']._serialized_start=583
+  _globals['_GENERATECHUNK']._serialized_end=698
+  _globals['_HEALTHREQUEST']._serialized_start=700
+  _globals['_HEALTHREQUEST']._serialized_end=715
+  _globals['_HEALTHRESPONSE']._serialized_start=717
+  _globals['_HEALTHRESPONSE']._serialized_end=760
+  _globals['_DIMOE']._serialized_start=763
+  _globals['_DIMOE']._serialized_end=970
 # @@protoc_insertion_point(module_scope)
