@@ -59,11 +59,19 @@ class ModelConfig(StrictModel):
     moe_intermediate_size: int = Field(128, gt=0)
     shared_expert_intermediate_size: int = Field(0, ge=0)  # 0 = no shared expert
     norm_topk_prob: bool = True
+    # A learned-offline bias added to the router's probabilities before top-k, which also enters the
+    # gates (LLaDA-MoE's `moe_router_enable_expert_bias`); a buffer, not trained by the optimizer.
+    router_expert_bias: bool = False
+    # Layers whose FFN is one dense SwiGLU of `dense_intermediate_size` instead of the MoE block
+    # (LLaDA-MoE's `moe_layer_freq` zeros; every layer for a dense LLaDA-8B backbone).
+    dense_layers: list[int] = Field(default_factory=list)
+    dense_intermediate_size: int = Field(0, ge=0)
     # Expert dispatch (dimoe/model/moe.py): auto = one grouped GEMM per projection where
     # torch._grouped_mm runs, else the per-expert loop; grouped / loop force one. Same outputs.
     moe_dispatch: Literal["auto", "grouped", "loop"] = "auto"
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    partial_rotary_factor: float = Field(1.0, gt=0.0, le=1.0)  # RoPE on the leading fraction of head dims
     max_position_embeddings: int = Field(512, gt=0)
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
@@ -81,4 +89,11 @@ class ModelConfig(StrictModel):
         kv = self.num_key_value_heads or self.num_attention_heads
         if self.num_attention_heads % kv:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        outside = [i for i in self.dense_layers if not 0 <= i < self.num_hidden_layers]
+        if outside:
+            raise ValueError(
+                f"dense_layers {outside} are not layers of a {self.num_hidden_layers}-layer model"
+            )
+        if self.dense_layers and not self.dense_intermediate_size:
+            raise ValueError("dense_layers need dense_intermediate_size > 0")
         return self

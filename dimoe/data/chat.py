@@ -1,11 +1,15 @@
-"""Chat template: a conversation (+ image) → input ids with the prompt/response boundary.
+"""Chat encoding: a conversation (+ image) → input ids with the prompt/response boundary.
 
-Layout (special tokens in angle brackets)::
+Conversations render through the tokenizer's own Jinja `chat_template` (`apply_chat_template`), so
+a published Instruct tokenizer keeps its instruction format; the project's tokenizer carries
+`dimoe.data.tokenizer.CHAT_TEMPLATE`::
 
-    [<|system|> system text]  <|user|> [<image>×N] user text  <|assistant|> answer <|eos|>  …
+    [<|system|>system text]<|user|>[<image>×N] user text<|assistant|>answer<|eos|>…
 
-Every turn before the last assistant turn is prompt; the last assistant turn plus its `<|eos|>`
-is the response (what the diffusion loss supervises and what decoding generates). The `<image>`
+The prompt is the rendering of every turn before the last assistant turn with
+`add_generation_prompt=True`; the response is what the full rendering adds after it (what the
+diffusion loss supervises and what decoding generates), ending with `eos_token` (appended when the
+template ends a turn with another marker, because decoding stops at EOS). The `<image>`
 placeholder expands to `num_image_tokens` copies of the image token, so the model can write the
 projected vision features at exactly those positions.
 """
@@ -17,7 +21,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from dimoe.data.tokenizer import ASSISTANT, IMAGE, ROLE_TOKENS
+from dimoe.data.tokenizer import IMAGE
 from dimoe.errors import UserError
 
 Role = Literal["system", "user", "assistant"]
@@ -87,32 +91,36 @@ def encode_chat(
         raise ChatFormatError(f"the {IMAGE} placeholder must be in a user turn")
 
     last = len(messages) if add_generation_prompt else len(messages) - 1
-    ids: list[int] = []
-    for message in messages[:last]:
-        ids += _encode_turn(tokenizer, message, num_image_tokens)
-    ids.append(tokenizer.convert_tokens_to_ids(ASSISTANT))
+    prompt = _render(tokenizer, messages[:last], add_generation_prompt=True)
+    ids = _encode_text(tokenizer, prompt, num_image_tokens)
     prompt_length = len(ids)
     if not add_generation_prompt:
-        ids += _encode_text(tokenizer, messages[-1].content.strip(), 0)
-        ids.append(tokenizer.eos_token_id)
+        full = _render(tokenizer, messages, add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ChatFormatError(
+                "the tokenizer's chat_template renders the conversation without its generation prompt as a "
+                "prefix, so the response cannot be located; use a template where it is"
+            )
+        ids += tokenizer.encode(full[len(prompt) :].rstrip(), add_special_tokens=False)
+        if ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
     return EncodedChat(ids, prompt_length, num_image_tokens if (image_count or num_image_tokens) else 0)
 
 
-def _encode_turn(tokenizer: PreTrainedTokenizerBase, message: Message, num_image_tokens: int) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(ROLE_TOKENS[message.role])]
-    ids += _encode_text(tokenizer, message.content.strip(), num_image_tokens)
-    if message.role == "assistant":
-        ids.append(tokenizer.eos_token_id)
-    return ids
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    return tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, num_image_tokens: int) -> list[int]:
+    """Token ids of rendered text, each `<image>` expanded to `num_image_tokens` image tokens."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     ids: list[int] = []
     for i, piece in enumerate(text.split(IMAGE)):
         if i > 0:
             ids += [image_id] * num_image_tokens
-        piece = piece.strip()
         if piece:
             ids += tokenizer.encode(piece, add_special_tokens=False)
     return ids

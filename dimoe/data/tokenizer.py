@@ -1,8 +1,15 @@
-"""Byte-level BPE tokenizer for DiMoE-VL, trained with `tokenizers`, saved in HF format.
+"""Tokenizers for DiMoE-VL: the project's own byte-level BPE, or any published HF tokenizer adapted.
 
-The saved directory loads with `transformers.AutoTokenizer.from_pretrained(dir)`; the diffusion
-mask token is exposed as `tokenizer.mask_token`, the image placeholder and chat roles as
-additional special tokens (see `SPECIAL_TOKENS`).
+`train_tokenizer` trains a BPE with `tokenizers` and saves it in HF format; the saved directory
+loads with `transformers.AutoTokenizer.from_pretrained(dir)`, and its chat format is a Jinja
+`chat_template` (`CHAT_TEMPLATE`), so `apply_chat_template` renders it for anyone.
+
+`load_tokenizer` loads any HF tokenizer directory and `adapt_tokenizer` adds only what diffusion
+VLM training needs and the tokenizer lacks (docs/design.md §3): the `<image>` placeholder, a mask
+token (an existing one such as LLaDA's `<|mdm_mask|>` is used when present), a pad token, and, for a
+tokenizer without a chat template, the project's role tokens and template. Added tokens get the
+next free ids in a fixed order, so adapting the same directory twice (at `data normalize` and at
+`model init`) gives the same ids.
 """
 
 from __future__ import annotations
@@ -17,9 +24,20 @@ from dimoe.errors import UserError
 
 PAD, EOS, MASK, IMAGE = "<|pad|>", "<|eos|>", "<|mask|>", "<image>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 # Order fixes the ids 0..6 of every tokenizer this module trains.
 SPECIAL_TOKENS = [PAD, EOS, MASK, IMAGE, SYSTEM, USER, ASSISTANT]
+# Mask tokens of published diffusion LMs, used as the mask when a tokenizer has one but does not
+# declare it as `mask_token` (LLaDA's tokenizer_config.json does not).
+KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+# The project's chat format as Jinja: `<|role|>` + trimmed content per turn, `eos_token` after each
+# assistant turn; the generation prompt ends with `<|assistant|>`.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>' + (message['content'] | trim) -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
@@ -54,6 +72,7 @@ def wrap_tokenizer(core: Tokenizer) -> PreTrainedTokenizerFast:
         additional_special_tokens=[IMAGE, SYSTEM, USER, ASSISTANT],
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -68,21 +87,38 @@ def iter_corpus_files(paths: Iterable[str | Path]) -> Iterator[str]:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load an HF tokenizer directory and check it has what diffusion decoding needs."""
+    """Load an HF tokenizer directory (the project's or a published one) and adapt it."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"tokenizer directory not found: {path} (train one with `dimoe tokenizer train`)"
+            f"tokenizer directory not found: {path} (train one with `dimoe tokenizer train`, or give a "
+            "published model's directory)"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    missing = [name for name in ("mask_token", "eos_token") if getattr(tokenizer, name) is None]
-    if IMAGE not in tokenizer.get_vocab():
-        missing.append(f"the image token {IMAGE!r}")
-    if missing:
-        raise UserError(f"tokenizer at {path} lacks {', '.join(missing)}; add them as special tokens")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer at {path} has no eos_token; set one in its tokenizer_config.json")
+    adapt_tokenizer(tokenizer)
     return tokenizer
+
+
+def adapt_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Add what the tokenizer lacks (module doc) in place; returns the tokens added to the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    new: dict[str, str | list[str]] = {}
+    if tokenizer.mask_token is None:
+        new["mask_token"] = next((t for t in KNOWN_MASK_TOKENS if t in vocab), MASK)
+    if tokenizer.pad_token is None:
+        new["pad_token"] = PAD
+    extra = [IMAGE] if IMAGE not in vocab else []
+    if tokenizer.chat_template is None:
+        extra += [role for role in (SYSTEM, USER, ASSISTANT) if role not in vocab]
+        tokenizer.chat_template = CHAT_TEMPLATE
+    before = len(tokenizer)
+    if extra:
+        new["extra_special_tokens"] = extra
+    tokenizer.add_special_tokens(new, replace_extra_special_tokens=False)
+    tokenizer.padding_side = "left"  # prompts of a batch end where the response starts
+    return tokenizer.convert_ids_to_tokens(list(range(before, len(tokenizer))))
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:

@@ -29,20 +29,26 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, L, head_dim] for the rotate-half RoPE convention used by LLaMA/OLMoE."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    """cos/sin tables [B, L, rotary_dim] for the rotate-half RoPE convention used by LLaMA/OLMoE;
+    `rotary_dim` is the head dim, or its leading part under a partial rotary factor."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim
+    )
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, hd]; cos/sin [B, L, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """x [B, H, L, hd]; cos/sin [B, L, r]: the leading r dims of each head rotate, the rest pass."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos[:, None] + rotated * sin[:, None]
+    return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)
 
 
 def build_attention_mask(

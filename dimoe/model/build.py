@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, PreTrainedTokenizerBase
+from transformers import AutoModel, GenerationConfig, PreTrainedTokenizerBase
 
+from dimoe.config.infer import InferConfig
+from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
 from dimoe.data.tokenizer import load_tokenizer, special_token_ids
 from dimoe.errors import UserError
-from dimoe.model.config import hf_config_from_spec
+from dimoe.model.config import DiMoEConfig, hf_config_from_spec
 from dimoe.model.hf_quiet import quiet_transformers
 from dimoe.model.importers import (
     backbone_spec_from_llada,
@@ -19,6 +21,7 @@ from dimoe.model.importers import (
     vision_spec_from_siglip,
 )
 from dimoe.model.modeling import DiMoEVLModel
+from dimoe.model.processor import DiMoEProcessor, siglip_processor
 
 
 def build_model(
@@ -52,12 +55,38 @@ def build_model(
 
 
 def save_checkpoint(model: DiMoEVLModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """An HF directory that loads anywhere: weights and config.json with `auto_map` and the
+    modeling code beside them, the tokenizer (with its chat template), the processor
+    (`processor_config.json`, `preprocessor_config.json`) and `generation_config.json`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
         model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        if model.config.vision_config:
+            image_processor = siglip_processor(model.config.image_size)
+            image_processor.save_pretrained(str(out))
+            processor = DiMoEProcessor(image_processor, tokenizer, model.config.num_image_tokens)
+            processor.save_pretrained(str(out))
+    generation_config(model.config).save_pretrained(str(out))
     return out
+
+
+def generation_config(config: DiMoEConfig) -> GenerationConfig:
+    """The default decoding preset of configs/infer/default.yaml, in HF's generation_config.json
+    (the diffusion fields are extra keys; `max_new_tokens` is the generation length)."""
+    infer = load_config("configs/infer/default.yaml", InferConfig)
+    preset = infer.resolve(None)
+    greedy = preset.temperature == 0  # HF refuses a temperature without sampling
+    return GenerationConfig(
+        max_new_tokens=preset.gen_length,
+        do_sample=not greedy,
+        mask_token_id=config.mask_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        preset=infer.default_preset,
+        **preset.model_dump(exclude={"seed", "temperature"} if greedy else {"seed"}),
+    )
 
 
 def load_checkpoint(

@@ -3,7 +3,11 @@
 The architecture fields are declared once, in the YAML schema `dimoe.config.model.ModelConfig`
 (docs/design.md §3): this config takes their names, defaults and validation from it, and adds only
 what a checkpoint needs beyond the schema (vocabulary size, special token ids, the SigLIP tower
-shape as the dict `vision_config`).
+shape as the dict `vision_config`, the number of image tokens).
+
+Every saved checkpoint ships a copy of this file with the modeling code (`auto_map`,
+`trust_remote_code`). Loaded that way, without the `dimoe` package, the schema is unavailable and
+the fields come as stored in config.json, which holds every one of them.
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from dimoe.config.model import ModelConfig, VisionConfig, image_token_count
+try:  # the library: fields named, defaulted and validated by the YAML schema
+    from dimoe.config.model import ModelConfig, VisionConfig, image_token_count
+except ImportError:  # a checkpoint's copy of this file, loaded by transformers without dimoe
+    ModelConfig = VisionConfig = image_token_count = None
 
 # Schema fields that are not config.json keys: `name` only labels the YAML file, and the vision
 # tower is stored as `vision_config` + `vision_feature_layer` + `vision_pool_2x2`.
 SCHEMA_ONLY_FIELDS = frozenset({"name", "vision"})
-BACKBONE_FIELDS = tuple(name for name in ModelConfig.model_fields if name not in SCHEMA_ONLY_FIELDS)
-_VISION_DEFAULTS = VisionConfig()
+BACKBONE_FIELDS = (
+    tuple(name for name in ModelConfig.model_fields if name not in SCHEMA_ONLY_FIELDS) if ModelConfig else ()
+)
 
 
 class DiMoEConfig(PreTrainedConfig):
@@ -33,8 +41,9 @@ class DiMoEConfig(PreTrainedConfig):
         *,
         vocab_size: int = 2048,  # the schema leaves it to the tokenizer; a bare config needs a number
         vision_config: dict[str, Any] | None = None,  # `SiglipVisionConfig` kwargs; None = text-only
-        vision_feature_layer: int = _VISION_DEFAULTS.feature_layer,
-        vision_pool_2x2: bool = _VISION_DEFAULTS.pool_2x2,
+        vision_feature_layer: int | None = None,  # None: the schema's default
+        vision_pool_2x2: bool | None = None,  # None: the schema's default
+        num_image_tokens: int | None = None,  # None: computed from vision_config
         mask_token_id: int = 2,
         image_token_id: int = 3,
         pad_token_id: int = 0,
@@ -42,16 +51,25 @@ class DiMoEConfig(PreTrainedConfig):
         tie_word_embeddings: bool = False,  # the LM head is trained separately from the embedding
         **kwargs: Any,
     ) -> None:
-        given = {name: kwargs.pop(name) for name in BACKBONE_FIELDS if name in kwargs}
-        spec = ModelConfig.model_validate({**given, "vocab_size": vocab_size, "vision": None})
-        for name in BACKBONE_FIELDS:
-            setattr(self, name, getattr(spec, name))
-        # Stored resolved, so a checkpoint's shapes never depend on these defaulting rules.
-        self.num_key_value_heads = spec.num_key_value_heads or spec.num_attention_heads
-        self.head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
+        self.vocab_size = vocab_size
+        if ModelConfig is not None:
+            self._set_backbone(kwargs)
+            defaults = VisionConfig()
+            vision_feature_layer = (
+                defaults.feature_layer if vision_feature_layer is None else vision_feature_layer
+            )
+            vision_pool_2x2 = defaults.pool_2x2 if vision_pool_2x2 is None else vision_pool_2x2
+            if num_image_tokens is None:
+                shape = vision_config or {}
+                num_image_tokens = (
+                    image_token_count(shape["image_size"], shape["patch_size"], vision_pool_2x2)
+                    if shape
+                    else 0
+                )
         self.vision_config = vision_config
         self.vision_feature_layer = vision_feature_layer
         self.vision_pool_2x2 = vision_pool_2x2
+        self.num_image_tokens = num_image_tokens
         self.mask_token_id = mask_token_id
         self.image_token_id = image_token_id
         super().__init__(
@@ -61,12 +79,19 @@ class DiMoEConfig(PreTrainedConfig):
             **kwargs,
         )
 
+    def _set_backbone(self, kwargs: dict[str, Any]) -> None:
+        """Take the backbone fields out of `kwargs`, validated and defaulted by the schema."""
+        given = {name: kwargs.pop(name) for name in BACKBONE_FIELDS if name in kwargs}
+        spec = ModelConfig.model_validate({**given, "vocab_size": self.vocab_size, "vision": None})
+        for name in BACKBONE_FIELDS:
+            setattr(self, name, getattr(spec, name))
+        # Stored resolved, so a checkpoint's shapes never depend on these defaulting rules.
+        self.num_key_value_heads = spec.num_key_value_heads or spec.num_attention_heads
+        self.head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
+
     @property
-    def num_image_tokens(self) -> int:
-        if not self.vision_config:
-            return 0
-        vision = self.vision_config
-        return image_token_count(vision["image_size"], vision["patch_size"], self.vision_pool_2x2)
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - len(self.dense_layers)
 
     @property
     def image_size(self) -> int:

@@ -19,10 +19,10 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from dimoe.model.attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
-from dimoe.model.config import DiMoEConfig
-from dimoe.model.moe import Experts, MoEBlock, RouterOutput, TopKRouter
-from dimoe.model.vision import VisionTower
+from .attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
+from .config import DiMoEConfig
+from .moe import Experts, MoEBlock, RouterOutput, SwiGLU, TopKRouter
+from .vision import VisionTower
 
 
 @dataclass
@@ -66,14 +66,17 @@ class BlockCache:
 @dataclass
 class DiMoEOutput(ModelOutput):
     logits: torch.Tensor | None = None  # [B, L, V]
-    router_logits: tuple[torch.Tensor, ...] | None = None  # per layer [B, L, E]
-    router_probs: tuple[torch.Tensor, ...] | None = None  # per layer [B, L, E], float32
-    router_topk: tuple[torch.Tensor, ...] | None = None  # per layer [B, L, k]
+    # Per MoE layer (dense layers have no router), in layer order:
+    router_logits: tuple[torch.Tensor, ...] | None = None  # [B, L, E]
+    router_probs: tuple[torch.Tensor, ...] | None = None  # [B, L, E], float32
+    router_topk: tuple[torch.Tensor, ...] | None = None  # [B, L, k]
     prefix_cache: PrefixCache | None = None
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: DiMoEConfig) -> None:
+    """Pre-norm attention then FFN: the MoE block, or one dense SwiGLU in `config.dense_layers`."""
+
+    def __init__(self, config: DiMoEConfig, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(
@@ -85,14 +88,19 @@ class DecoderLayer(nn.Module):
             config.rms_norm_eps,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoEBlock(
-            config.hidden_size,
-            config.moe_intermediate_size,
-            config.num_experts,
-            config.num_experts_per_tok,
-            config.norm_topk_prob,
-            config.shared_expert_intermediate_size,
-            config.moe_dispatch,
+        self.mlp: MoEBlock | SwiGLU = (
+            SwiGLU(config.hidden_size, config.dense_intermediate_size)
+            if index in config.dense_layers
+            else MoEBlock(
+                config.hidden_size,
+                config.moe_intermediate_size,
+                config.num_experts,
+                config.num_experts_per_tok,
+                config.norm_topk_prob,
+                config.shared_expert_intermediate_size,
+                config.moe_dispatch,
+                config.router_expert_bias,
+            )
         )
 
     def forward(
@@ -103,10 +111,14 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor,
         past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], RouterOutput]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], RouterOutput | None]:
+        """The layer's output, its own keys/values, and its router's output (None if dense)."""
         attn, own_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv, start)
         x = x + attn
-        ffn, route = self.mlp(self.post_attention_layernorm(x))
+        hidden = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SwiGLU):
+            return x + self.mlp(hidden), own_kv, None
+        ffn, route = self.mlp(hidden)
         return x + ffn, own_kv, route
 
 
@@ -125,6 +137,8 @@ class DiMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None:
+                init.zeros_(module.expert_bias)
 
 
 class DiMoEVLModel(DiMoEPreTrainedModel):
@@ -133,7 +147,7 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
     def __init__(self, config: DiMoEConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.vision = (
@@ -292,13 +306,15 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         positions, mask = self._positions_and_mask(real, prefix_mask, key_real, first, cache is not None)
         start = block_cache.start if block_cache is not None else None
         x = self.embed(input_ids, pixel_values, image_features)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        rotary_dim = int(self.config.head_dim * self.config.partial_rotary_factor)
+        cos, sin = rope_cos_sin(positions, rotary_dim, self.config.rope_theta, x.dtype)
         routes: list[RouterOutput] = []
         own_kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             past = cache.key_values[i] if cache is not None else None
             x, own_kv, route = layer(x, cos, sin, mask, past, start)
-            routes.append(route)
+            if route is not None:
+                routes.append(route)
             own_kvs.append(own_kv)
         logits = self.lm_head(self.norm(x if logits_positions is None else x[:, logits_positions]))
 

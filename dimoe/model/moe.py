@@ -45,9 +45,16 @@ class RouterOutput:
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool) -> None:
+    """Softmax over experts, top-k. With `expert_bias`, the bias is added to the probabilities
+    before top-k and the biased values are the gates (LLaDA-MoE's router); `probs` stays the
+    plain softmax, which the routing losses and telemetry read."""
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, normalize: bool, expert_bias: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
         self.top_k = top_k
         self.normalize = normalize
 
@@ -55,7 +62,8 @@ class TopKRouter(nn.Module):
         logits = F.linear(x, self.weight)
         # Softmax in float32: bf16 probabilities are too coarse for balance statistics.
         probs = logits.float().softmax(dim=-1)
-        weight, index = probs.topk(self.top_k, dim=-1)
+        scores = probs if self.expert_bias is None else probs + self.expert_bias.float()
+        weight, index = scores.topk(self.top_k, dim=-1)
         if self.normalize:
             weight = weight / weight.sum(dim=-1, keepdim=True)
         return RouterOutput(logits, probs, index, weight.to(x.dtype))
@@ -314,9 +322,10 @@ class MoEBlock(nn.Module):
         normalize_topk: bool,
         shared_intermediate_size: int = 0,
         dispatch: Dispatch = "auto",
+        expert_bias: bool = False,
     ) -> None:
         super().__init__()
-        self.gate = TopKRouter(hidden_size, num_experts, top_k, normalize_topk)
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, expert_bias)
         self.experts = Experts(hidden_size, intermediate_size, num_experts, dispatch)
         self.shared_expert = (
             SwiGLU(hidden_size, shared_intermediate_size) if shared_intermediate_size else None

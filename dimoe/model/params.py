@@ -1,10 +1,11 @@
 """Parameter accounting: total and active (per-token) parameters.
 
 Active parameters are those a token's forward pass multiplies through in the backbone: attention,
-norms, router, the top-k routed experts (k/E of the routed-expert weights), the shared expert and
-the LM head. The input embedding is a lookup, not compute, so it is not active. The vision tower
-and projector run once per image, not once per denoising step, so they are reported separately
-and kept out of "active": NFE × active parameters then measures decoding compute.
+norms, router, the top-k routed experts (k/E of the routed-expert weights), the shared expert,
+the dense FFN of dense layers and the LM head. The input embedding is a lookup, not compute, so it
+is not active. The vision tower and projector run once per image, not once per denoising step, so
+they are reported separately and kept out of "active": NFE × active parameters then measures
+decoding compute.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dimoe.model.modeling import DiMoEVLModel
+from dimoe.model.moe import MoEBlock
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ def count_parameters(model: DiMoEVLModel) -> ParamReport:
     total = sum(p.numel() for p in model.parameters())
     backbone_total = total - vision
     routed = sum(
-        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel() for layer in model.layers
+        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
+        for layer in model.layers
+        if isinstance(layer.mlp, MoEBlock)
     )
     idle_routed = routed * (config.num_experts - config.num_experts_per_tok) // config.num_experts
     active = backbone_total - idle_routed - model.embed_tokens.weight.numel()

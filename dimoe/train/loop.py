@@ -140,7 +140,7 @@ class Trainer:
         model, self.tokenizer = load_initial_model(cfg)
         self.engine = build_engine(cfg, model)
         hf = self.model_config = self.engine.module.config
-        self.prior = RouterPriorEMA(hf.num_hidden_layers, hf.num_experts, cfg.losses.prior_momentum)
+        self.prior = RouterPriorEMA(hf.num_moe_layers, hf.num_experts, cfg.losses.prior_momentum)
         self.processor = ImageProcessor(hf.image_size) if hf.vision_config else None
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         # A text-only batch still runs the tower on this image (with weight 0): see `training_step`.

@@ -1,5 +1,7 @@
 """The HF config takes its architecture fields from the YAML schema, and checkpoints keep their keys."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 from transformers import AutoConfig
@@ -8,9 +10,20 @@ from dimoe.model.config import BACKBONE_FIELDS, DiMoEConfig, hf_config_from_spec
 
 IDS = {"mask_token_id": 5, "image_token_id": 6, "pad_token_id": 0, "eos_token_id": 1}
 
-# config.json of configs/model/tiny.yaml as checkpoints have always stored it (minus
-# `transformers_version`): a new key or value here would change every checkpoint on disk.
+# Keys added after the first checkpoints were written: a config.json without them loads with
+# these values, the architecture every earlier checkpoint has.
+ADDED_KEYS = {
+    "dense_intermediate_size": 0,
+    "dense_layers": [],
+    "moe_dispatch": "auto",
+    "partial_rotary_factor": 1.0,
+    "router_expert_bias": False,
+}
+# config.json of configs/model/tiny.yaml (minus `transformers_version`): a new key or value here
+# changes every checkpoint on disk.
 TINY_CONFIG_JSON = {
+    **ADDED_KEYS,
+    "num_image_tokens": 4,
     "attention": "prefix",
     "eos_token_id": 1,
     "head_dim": 32,
@@ -55,6 +68,14 @@ def test_tiny_spec_writes_the_same_config_json_and_reads_it_back(tiny_spec, tmp_
         saved = loaded.to_diff_dict()
         saved.pop("transformers_version")
         assert saved == TINY_CONFIG_JSON
+
+
+def test_config_json_of_earlier_checkpoints_still_loads(tmp_path):
+    earlier = {k: v for k, v in TINY_CONFIG_JSON.items() if k not in ADDED_KEYS and k != "num_image_tokens"}
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    loaded = DiMoEConfig.from_pretrained(tmp_path)
+    assert {k: getattr(loaded, k) for k in ADDED_KEYS} == ADDED_KEYS
+    assert loaded.num_image_tokens == 4  # 32-pixel images in 16-pixel patches, computed as before
 
 
 def test_config_takes_every_backbone_field_from_the_spec(tiny_spec):
