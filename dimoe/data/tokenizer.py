@@ -29,6 +29,8 @@ SPECIAL_TOKENS = [PAD, EOS, MASK, IMAGE, SYSTEM, USER, ASSISTANT]
 # Mask tokens of published diffusion LMs, used as the mask when a tokenizer has one but does not
 # declare it as `mask_token` (LLaDA's tokenizer_config.json does not).
 KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+# Attribute of an adapted tokenizer listing the tokens the adaptation added (empty once saved).
+ADDED_TOKENS_ATTR = "dimoe_added_tokens"
 # The project's chat format as Jinja: `<|role|>` + trimmed content per turn, `eos_token` after each
 # assistant turn; the generation prompt ends with `<|assistant|>`.
 CHAT_TEMPLATE = (
@@ -118,7 +120,10 @@ def adapt_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         new["extra_special_tokens"] = extra
     tokenizer.add_special_tokens(new, replace_extra_special_tokens=False)
     tokenizer.padding_side = "left"  # prompts of a batch end where the response starts
-    return tokenizer.convert_ids_to_tokens(list(range(before, len(tokenizer))))
+    added = tokenizer.convert_ids_to_tokens(list(range(before, len(tokenizer))))
+    # Kept on the object for `dimoe model init --backbone-from`, which starts these rows at the mean.
+    setattr(tokenizer, ADDED_TOKENS_ATTR, added)
+    return added
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:

@@ -10,7 +10,7 @@ from transformers import AutoModel, GenerationConfig, PreTrainedTokenizerBase
 from dimoe.config.infer import InferConfig
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
-from dimoe.data.tokenizer import load_tokenizer, special_token_ids
+from dimoe.data.tokenizer import ADDED_TOKENS_ATTR, load_tokenizer, special_token_ids
 from dimoe.errors import UserError
 from dimoe.model.config import DiMoEConfig, hf_config_from_spec
 from dimoe.model.hf_quiet import quiet_transformers
@@ -48,7 +48,8 @@ def build_model(
     torch.manual_seed(seed)
     model = DiMoEVLModel(config)
     if backbone_from is not None:
-        import_llada_backbone(model, backbone_from)
+        added = tokenizer.convert_tokens_to_ids(getattr(tokenizer, ADDED_TOKENS_ATTR, []))
+        import_llada_backbone(model, backbone_from, added)
     if vision_from is not None:
         import_siglip_vision(model, vision_from)
     return model

@@ -67,6 +67,8 @@ def test_tiny_spec_writes_the_same_config_json_and_reads_it_back(tiny_spec, tmp_
         assert type(loaded) is DiMoEConfig
         saved = loaded.to_diff_dict()
         saved.pop("transformers_version")
+        # Saved through the model, auto_map also names AutoModel (tests/model/test_checkpoint_files.py).
+        assert saved.pop("auto_map") == {"AutoConfig": "config.DiMoEConfig"}
         assert saved == TINY_CONFIG_JSON
 
 

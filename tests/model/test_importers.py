@@ -9,52 +9,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from dimoe.model.build import build_model
 from dimoe.model.importers import ImportErrorDetail
-
-
-def write_llada_moe(path, *, vocab=300, hidden=64, layers=2, heads=4, experts=4, top_k=2, ffn=32):
-    """A random checkpoint with LLaDA-MoE names: per-expert linears, per-head q/k norms."""
-    path.mkdir()
-    config = {
-        "model_type": "lladamoe",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "num_experts": experts,
-        "num_experts_per_tok": top_k,
-        "expert_intermediate_size": ffn,
-        "shared_expert_intermediate_size": 0,
-        "qk_layernorm": True,
-        "norm_topk_prob": False,
-        "rope_theta": 50000.0,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 256,
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    hd = hidden // heads
-    weights = {
-        "model.embed_tokens.weight": rand(vocab, hidden),
-        "model.norm.weight": rand(hidden),
-        "lm_head.weight": rand(vocab, hidden),
-    }
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        for proj in "qkvo":
-            weights[f"{p}.self_attn.{proj}_proj.weight"] = rand(hidden, hidden)
-        weights[f"{p}.self_attn.q_norm.weight"] = rand(hd)
-        weights[f"{p}.self_attn.k_norm.weight"] = rand(hd)
-        weights[f"{p}.input_layernorm.weight"] = rand(hidden)
-        weights[f"{p}.post_attention_layernorm.weight"] = rand(hidden)
-        weights[f"{p}.mlp.gate.weight"] = rand(experts, hidden)
-        for j in range(experts):
-            weights[f"{p}.mlp.experts.{j}.gate_proj.weight"] = rand(ffn, hidden)
-            weights[f"{p}.mlp.experts.{j}.up_proj.weight"] = rand(ffn, hidden)
-            weights[f"{p}.mlp.experts.{j}.down_proj.weight"] = rand(hidden, ffn)
-    save_file(weights, str(path / "model.safetensors"))
-    return weights
+from tests.model.upstream import llada_dense_logits, llada_moe_logits, write_llada_dense, write_llada_moe
 
 
 def write_siglip(path):
@@ -73,7 +28,7 @@ def write_siglip(path):
 
 
 def test_llada_backbone_and_siglip_import(tiny_spec, tokenizer, tmp_path):
-    weights = write_llada_moe(tmp_path / "llada", vocab=len(tokenizer) - 2)
+    _, weights = write_llada_moe(tmp_path / "llada", vocab=len(tokenizer) - 2, layers=2)
     siglip = write_siglip(tmp_path / "siglip").eval()
     model = build_model(
         tiny_spec, tokenizer, backbone_from=tmp_path / "llada", vision_from=tmp_path / "siglip"
@@ -120,3 +75,51 @@ def test_siglip_missing_a_vision_weight_is_reported(tiny_spec, tokenizer, tmp_pa
     save_file(weights, str(tmp_path / "siglip" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ImportErrorDetail, match=dropped):
         build_model(tiny_spec, tokenizer, vision_from=tmp_path / "siglip")
+
+
+LLADA_MOE_VARIANTS = {
+    "all-moe": {},
+    "dense-layer+expert-bias+partial-rotary+shared": {
+        "dense_layers": (1,), "expert_bias": True, "partial_rotary": 0.5, "shared_ffn": 24,
+    },
+}  # fmt: skip
+
+
+def imported_logits(spec, tokenizer, directory, ids):
+    model = build_model(
+        spec.model_copy(update={"attention": "full", "vision": None}), tokenizer, backbone_from=directory
+    )
+    with torch.no_grad():
+        return model, model(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("variant", LLADA_MOE_VARIANTS, ids=list(LLADA_MOE_VARIANTS))
+def test_llada_moe_import_computes_what_the_published_code_computes(tiny_spec, tokenizer, tmp_path, variant):
+    config, weights = write_llada_moe(
+        tmp_path / "llada", vocab=len(tokenizer) - 2, **LLADA_MOE_VARIANTS[variant]
+    )
+    ids = torch.randint(10, len(tokenizer) - 2, (24,), generator=torch.Generator().manual_seed(3))
+    model, logits = imported_logits(tiny_spec, tokenizer, tmp_path / "llada", ids)
+    c = model.config
+    assert c.norm_topk_prob is False  # the config's True is ignored, as by LLaDAMoESparseMoeBlock
+    assert c.dense_layers == list(LLADA_MOE_VARIANTS[variant].get("dense_layers", ()))
+    reference = llada_moe_logits(config, weights, ids)
+    torch.testing.assert_close(logits[:, : reference.shape[1]], reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_llada_import_computes_what_the_published_code_computes(tiny_spec, tokenizer, tmp_path, tied):
+    config, weights = write_llada_dense(tmp_path / "llada8b", vocab=len(tokenizer) - 2, tied=tied)
+    ids = torch.randint(10, len(tokenizer) - 2, (24,), generator=torch.Generator().manual_seed(4))
+    model, logits = imported_logits(tiny_spec, tokenizer, tmp_path / "llada8b", ids)
+    assert model.config.dense_layers == [0, 1] and model.config.qk_norm is False
+    reference = llada_dense_logits(config, weights, ids)
+    torch.testing.assert_close(logits[:, : reference.shape[1]], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_settings_the_import_cannot_reproduce_are_named(tiny_spec, tokenizer, tmp_path):
+    config, _ = write_llada_moe(tmp_path / "llada", vocab=len(tokenizer))
+    config.update(moe_router_score_function="sigmoid", clip_qkv=8.0)
+    (tmp_path / "llada" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ImportErrorDetail, match=r"moe_router_score_function='sigmoid', clip_qkv=8.0"):
+        build_model(tiny_spec, tokenizer, backbone_from=tmp_path / "llada")
