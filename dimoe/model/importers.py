@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -141,11 +142,29 @@ def _dense_llada_spec(cfg: dict[str, Any], base: ModelConfig) -> dict[str, Any]:
 
 
 def vision_spec_from_siglip(directory: str | Path, base: VisionConfig) -> VisionConfig:
-    """The shape of a local SigLIP vision encoder, as a DiMoE vision spec (the other fields kept
-    from `base`)."""
+    """The shape of a local SigLIP vision encoder, as a DiMoE vision spec. The image size stays the
+    spec's (the tower's position embeddings are interpolated to it, `import_siglip_vision`); the
+    other fields not of the tower's shape are kept from `base` too."""
     cfg = SiglipVisionConfig.from_pretrained(str(directory))
-    shape = {name: getattr(cfg, name) for name in base.siglip_shape()}
+    shape = {name: getattr(cfg, name) for name in base.siglip_shape() if name != "image_size"}
+    if base.image_size % cfg.patch_size:
+        raise ImportErrorDetail(
+            f"image_size {base.image_size} is not a multiple of the SigLIP at {directory}'s patch size "
+            f"{cfg.patch_size}; pick a multiple (e.g. {base.image_size // cfg.patch_size * cfg.patch_size})"
+        )
     return base.model_copy(update={**shape, "pretrained_dir": str(directory)})
+
+
+def interpolate_position_embedding(weight: torch.Tensor, grid: int) -> torch.Tensor:
+    """SigLIP's [g·g, width] patch position embeddings resampled to a `grid`×`grid` patch grid,
+    bicubically, as `SiglipVisionEmbeddings.interpolate_pos_encoding` does at run time: done once
+    here, the tower's weights match its configured image size and no forward needs the flag."""
+    old = int(weight.shape[0] ** 0.5)
+    if old == grid:
+        return weight
+    square = weight.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(weight.dtype)
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -273,6 +292,9 @@ def import_siglip_vision(model: DiMoEVLModel, directory: str | Path) -> int:
     if missing:
         raise ImportErrorDetail(f"SigLIP at {directory} lacks {sorted(missing)[:10]}")
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("vision_model.head.")}
+    key = next(k for k in state if k.endswith("embeddings.position_embedding.weight"))
+    vision = model.config.vision_config
+    state[key] = interpolate_position_embedding(state[key], vision["image_size"] // vision["patch_size"])
     result = model.vision.encoder.load_state_dict(state, strict=False)
     if result.missing_keys:
         raise ImportErrorDetail(f"SigLIP at {directory} lacks {result.missing_keys[:10]}")

@@ -123,3 +123,32 @@ def test_settings_the_import_cannot_reproduce_are_named(tiny_spec, tokenizer, tm
     (tmp_path / "llada" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ImportErrorDetail, match=r"moe_router_score_function='sigmoid', clip_qkv=8.0"):
         build_model(tiny_spec, tokenizer, backbone_from=tmp_path / "llada")
+
+
+@pytest.mark.parametrize("image_size", [24, 48])
+def test_siglip_at_another_resolution_matches_its_own_position_interpolation(
+    tiny_spec, tokenizer, tmp_path, image_size
+):
+    """The checkpoint is 32 px in 8 px patches (4×4); the spec asks for 24 or 48 px. The imported
+    tower computes what transformers' SigLIP computes at that size with `interpolate_pos_encoding`."""
+    siglip = write_siglip(tmp_path / "siglip").eval()
+    vision = tiny_spec.vision.model_copy(update={"image_size": image_size, "pool_2x2": False})
+    model = build_model(
+        tiny_spec.model_copy(update={"vision": vision}), tokenizer, vision_from=tmp_path / "siglip"
+    )
+    assert model.config.vision_config["image_size"] == image_size
+    assert model.config.num_image_tokens == (image_size // 8) ** 2
+    pixels = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        ours = model.vision.encoder(pixel_values=pixels).last_hidden_state
+        theirs = siglip(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_image_size_off_the_patch_grid_is_refused(tiny_spec, tokenizer, tmp_path):
+    write_siglip(tmp_path / "siglip")
+    vision = tiny_spec.vision.model_copy(update={"image_size": 30})
+    with pytest.raises(ImportErrorDetail, match="not a multiple of .* patch size 8"):
+        build_model(
+            tiny_spec.model_copy(update={"vision": vision}), tokenizer, vision_from=tmp_path / "siglip"
+        )
