@@ -258,6 +258,21 @@ def data_build_blends(
     print_json(build_stage_blends(cfg))
 
 
+@data_app.command("build-wds")
+@user_errors
+def data_build_wds(
+    config: Annotated[Path, typer.Option(help="WebDataset config.")] = Path("configs/data/webdataset.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Write a blend as WebDataset tar shards (read by `data.format: webdataset` training and by
+    `ray.data.read_webdataset`)."""
+    from dimoe.config.data import WebDatasetConfig
+    from dimoe.config.loader import load_config
+    from dimoe.data.wds import build_webdataset
+
+    print_json(build_webdataset(load_config(config, WebDatasetConfig, set_ or [])))
+
+
 # -- train -------------------------------------------------------------------------------------------
 @train_app.command("run")
 @user_errors

@@ -1,5 +1,6 @@
-"""Config schemas of the data pipeline: `NormalizeConfig` (raw → normalized Parquet) and
-`BlendConfig` (normalized Parquet → seeded per-stage training mixtures)."""
+"""Config schemas of the data pipeline: `NormalizeConfig` (raw → normalized Parquet),
+`BlendConfig` (normalized Parquet → seeded per-stage training mixtures) and `WebDatasetConfig`
+(a blend → WebDataset tar shards)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,14 @@ class BlendConfig(StrictModel):
     rows_per_file: int = Field(100_000, ge=1)
     progress: bool = True
     blends: dict[str, BlendSpec] = Field(min_length=1)
+
+
+class WebDatasetConfig(StrictModel):
+    """`dimoe data build-wds`: one blend written as WebDataset tar shards."""
+
+    source: str = "artifacts/data/v1/blends/stage2_full"  # a blend directory of Parquet files
+    # None: <data_dir>/webdataset/<blend> beside the source's `blends/`, where `data.format:
+    # webdataset` training reads it.
+    output_dir: str | None = None
+    shard_size: int = Field(1000, ge=1)  # samples per shard
+    include_image: bool = True  # False: the JSON members only (for text consumers)

@@ -65,6 +65,9 @@ class LossSpec(StrictModel):
 class DataSpec(StrictModel):
     data_dir: str = "artifacts/data/v1"
     blend: str = "stage2_full"
+    # parquet: <data_dir>/blends/<blend>/*.parquet; webdataset: the shards `dimoe data build-wds`
+    # wrote to <data_dir>/webdataset/<blend>/ (with their images).
+    format: Literal["parquet", "webdataset"] = "parquet"
     response_length: int = Field(
         32, ge=1
     )  # each row's answer is EOS-padded to this (LLaDA SFT), so decoding learns to stop

@@ -46,16 +46,19 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def blend_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.data.data_dir) / "blends" / cfg.data.blend
+    """Where the stage's blend is: Parquet files, or WebDataset shards (`data.format`)."""
+    folder = "blends" if cfg.data.format == "parquet" else "webdataset"
+    return Path(cfg.data.data_dir) / folder / cfg.data.blend
 
 
 def validate_before_launch(cfg: TrainConfig) -> None:
-    where = Path(cfg.data.data_dir) / "blends"
+    where = blend_dir(cfg).parent
     if not blend_dir(cfg).is_dir():
         known = sorted(p.name for p in where.iterdir() if p.is_dir()) if where.is_dir() else []
+        command = "build-stage-blends" if cfg.data.format == "parquet" else "build-wds"
         raise ConfigError(
             f"{cfg.stage}: unknown blend {cfg.data.blend!r}: {blend_dir(cfg)} does not exist "
-            f"(blends under {where}: {', '.join(known) or 'none — run `dimoe data build-stage-blends`'})"
+            f"(blends under {where}: {', '.join(known) or f'none — run `dimoe data {command}`'})"
         )
     if cfg.init_from:
         if not (Path(cfg.init_from) / "config.json").is_file():
@@ -73,7 +76,7 @@ def validate_before_launch(cfg: TrainConfig) -> None:
         )
     elif not Path(cfg.tokenizer).is_dir():
         raise ConfigError(f"{cfg.stage}: tokenizer directory {cfg.tokenizer} not found")
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in blend_dir(cfg).glob("*.parquet"))
+    rows = blend_rows(cfg)
     workers = cfg.scaling.num_workers
     if rows // workers < cfg.batch_size:  # a worker's pass over its shard would yield no batch
         raise ConfigError(
@@ -81,6 +84,29 @@ def validate_before_launch(cfg: TrainConfig) -> None:
             f"{workers} workers, fewer than batch_size={cfg.batch_size}; build a larger blend "
             "(`dimoe data build-stage-blends`) or lower batch_size or scaling.num_workers"
         )
+
+
+def blend_rows(cfg: TrainConfig) -> int:
+    if cfg.data.format == "webdataset":
+        from dimoe.data.wds import count_samples
+
+        return count_samples(blend_dir(cfg))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in blend_dir(cfg).glob("*.parquet"))
+
+
+def read_blend(cfg: TrainConfig) -> Any:
+    """The stage's blend as a Ray Dataset of the columns training reads (input_ids, prompt_length,
+    image), from Parquet or from WebDataset shards."""
+    import ray.data
+
+    from dimoe.data.wds import training_row
+
+    if cfg.data.format == "webdataset":
+        shards = ray.data.read_webdataset(str(blend_dir(cfg)), decoder=None, file_extensions=["tar"])
+        return shards.map(training_row)
+    return ray.data.read_parquet(str(blend_dir(cfg)), file_extensions=["parquet"]).select_columns(
+        ["input_ids", "prompt_length", "image"]
+    )
 
 
 def run_stage(
@@ -119,9 +145,7 @@ def _torch_trainer(cfg: TrainConfig, stage_dir: Path, callbacks: list | None) ->
     from dimoe.train.loop import train_loop_per_worker
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = ray.data.read_parquet(str(blend_dir(cfg)), file_extensions=["parquet"]).select_columns(
-        ["input_ids", "prompt_length", "image"]
-    )
+    dataset = read_blend(cfg)
     # Ray Data's own bars follow the streaming split that feeds the workers for the whole stage: they
     # tell nothing the stage's progress does not, and leave debris in logs that are not a terminal.
     dataset.context.enable_progress_bars = False

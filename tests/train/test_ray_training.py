@@ -195,3 +195,35 @@ def test_a_blend_too_small_for_one_batch_per_worker_is_rejected(tmp_path, tokeni
     cfg = load_config("configs/train/tiny/stage0_naive.yaml", TrainConfig, [*common, "batch_size=16"])
     with pytest.raises(ConfigError, match="20 rows, 10 per worker for 2 workers, fewer than batch_size=16"):
         run_stage(cfg)
+
+
+def test_a_stage_trains_from_webdataset_shards_as_from_parquet(ray_cluster, tokenizer, tmp_path):
+    """`dimoe data build-wds` shards feed the same rows as the Parquet blend, and a stage trains on
+    them (`data.format: webdataset`) on Ray Train."""
+    from typer.testing import CliRunner
+
+    from dimoe.cli import app
+    from dimoe.train.launcher import read_blend
+
+    image_tokens = load_config("configs/model/tiny.yaml", ModelConfig).vision.num_image_tokens
+    write_blends(tmp_path / "data", tokenizer, image_tokens)
+    blend = tmp_path / "data" / "blends" / "stage0_naive"
+    built = CliRunner().invoke(
+        app, ["data", "build-wds", "--set", f"source={blend}", "--set", "shard_size=20"]
+    )
+    assert built.exit_code == 0, built.output
+    shards = tmp_path / "data" / "webdataset" / "stage0_naive"
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"shard-00000{i}.tar" for i in range(4)]
+
+    tok_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    common = [f"data.data_dir={tmp_path / 'data'}", f"tokenizer={tok_dir}", f"output_dir={tmp_path / 'out'}",
+              "batch_size=4", "max_steps=2", "scaling.num_workers=1", "data.response_length=8"]  # fmt: skip
+    as_parquet = load_config("configs/train/tiny/stage0_naive.yaml", TrainConfig, common)
+    as_shards = as_parquet.model_copy(
+        update={"data": as_parquet.data.model_copy(update={"format": "webdataset"})}
+    )
+    rows = [sorted(read_blend(cfg).take_all(), key=repr) for cfg in (as_shards, as_parquet)]
+    assert rows[0] == rows[1] and sum(row["image"] is not None for row in rows[0]) == 32
+    result = run_stage(as_shards, progress=False)
+    assert (result.final_dir / "model.safetensors").is_file() and result.metrics["step"] == 2
