@@ -104,6 +104,10 @@ class TrainConfig(StrictModel):
     model: str | None = "configs/model/tiny.yaml"  # model config for a fresh init (with `tokenizer`)
     tokenizer: str | None = None
     init_from: str | None = None  # checkpoint dir (HF format) of the previous stage or pretrained parts
+    # Train init_from's vision tower at this image size (position embeddings interpolated, the
+    # image-token count following; rows normalized for another count are resized in the batch):
+    # the resolution ablation (configs/tune/ablations.yaml, res_384 / res_768).
+    vision_image_size: int | None = Field(None, gt=0)
     requires_init: bool = False  # stages that continue a previous stage refuse to start from scratch
     groups: dict[str, GroupSpec] = Field(default_factory=lambda: {g: GroupSpec() for g in GROUPS})
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from dimoe.config.model import ModelConfig, VisionConfig
+from dimoe.config.model import ModelConfig, VisionConfig, image_token_count
 from dimoe.errors import UserError
 from dimoe.io import read_json
 from dimoe.model.hf_quiet import quiet_transformers
 from dimoe.model.modeling import DiMoEVLModel
+from dimoe.model.vision import VisionTower
 
 
 class ImportErrorDetail(UserError):
@@ -277,6 +278,30 @@ def import_llada_backbone(
         detail = problems + [f"missing in checkpoint: {m}" for m in missing[:20]]
         raise ImportErrorDetail(f"cannot import backbone from {directory}:\n  " + "\n  ".join(detail))
     return {"loaded": loaded, "ignored": sorted(set(source) - set(target))}
+
+
+@torch.no_grad()
+def set_image_size(model: DiMoEVLModel, image_size: int) -> None:
+    """Rebuild `model`'s tower for `image_size` pixels: the same weights with the position
+    embeddings interpolated to the new patch grid; the config's image size and image-token count
+    follow."""
+    if model.vision is None:
+        raise UserError("vision_image_size is set but the model has no vision tower")
+    shape = dict(model.config.vision_config)
+    if image_size % shape["patch_size"]:
+        raise UserError(
+            f"vision_image_size {image_size} is not a multiple of the patch size {shape['patch_size']}"
+        )
+    state = model.vision.state_dict()
+    key = next(k for k in state if k.endswith("embeddings.position_embedding.weight"))
+    state[key] = interpolate_position_embedding(state[key], image_size // shape["patch_size"])
+    shape["image_size"] = image_size
+    config = model.config
+    tower = VisionTower(shape, config.hidden_size, config.vision_feature_layer, config.vision_pool_2x2)
+    tower.load_state_dict(state)
+    model.vision = tower.to(device=model.device, dtype=model.dtype)
+    config.vision_config = shape
+    config.num_image_tokens = image_token_count(image_size, shape["patch_size"], config.vision_pool_2x2)
 
 
 @torch.no_grad()

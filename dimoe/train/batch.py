@@ -71,6 +71,18 @@ def length_grouped(
             yield {name: np.asarray(column)[batches[index]] for name, column in group.items()}
 
 
+def _resize_image_run(
+    seq: np.ndarray, prompt_length: int, image_id: int, count: int
+) -> tuple[np.ndarray, int]:
+    """The row with its one run of image tokens (in the prompt) made `count` long."""
+    where = np.flatnonzero(seq == image_id)
+    if len(where) in (0, count):
+        return seq, prompt_length
+    first, end = int(where[0]), int(where[-1]) + 1
+    seq = np.concatenate([seq[:first], np.full(count, image_id, dtype=seq.dtype), seq[end:]])
+    return seq, prompt_length + count - (end - first)
+
+
 def collate(
     rows: Mapping[str, Sequence[Any]],
     *,
@@ -79,11 +91,18 @@ def collate(
     image_id: int,
     response_length: int,
     processor: ImageProcessor | None,
+    image_tokens: int | None = None,
 ) -> TrainBatch:
-    """`rows` is a column batch as Ray Data yields it (`input_ids`, `prompt_length`, `image`)."""
+    """`rows` is a column batch as Ray Data yields it (`input_ids`, `prompt_length`, `image`).
+    `image_tokens`: the model's image-token count, when it may differ from the count the data was
+    normalized with (a tower trained at another resolution); each row's image tokens are resized."""
     # np.array copies: Ray Data hands out read-only arrays, which torch.from_numpy warns about.
     sequences = [np.array(ids, dtype=np.int64) for ids in rows["input_ids"]]
     prompt_lengths = [int(n) for n in rows["prompt_length"]]
+    if image_tokens is not None:
+        pairs = zip(sequences, prompt_lengths, strict=True)
+        resized = [_resize_image_run(seq, p, image_id, image_tokens) for seq, p in pairs]
+        sequences, prompt_lengths = [seq for seq, _ in resized], [p for _, p in resized]
     answers = [seq[p:] for seq, p in zip(sequences, prompt_lengths, strict=True)]
     windows = [max(response_length, len(a)) for a in answers]  # each row's answer + EOS padding
     response = max(windows)

@@ -61,9 +61,12 @@ def load_initial_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     from dimoe.config.model import ModelConfig
     from dimoe.data.tokenizer import load_tokenizer
     from dimoe.model.build import build_model, load_checkpoint
+    from dimoe.model.importers import set_image_size
 
     if cfg.init_from:
         model, tokenizer = load_checkpoint(cfg.init_from)
+        if cfg.vision_image_size is not None:
+            set_image_size(model, cfg.vision_image_size)
         return model.train(), tokenizer
     tokenizer = load_tokenizer(cfg.tokenizer)
     return build_model(load_config(cfg.model, ModelConfig), tokenizer, seed=cfg.seed).train(), tokenizer
@@ -252,6 +255,7 @@ class Trainer:
             image_id=self.model_config.image_token_id,
             response_length=self.cfg.data.response_length,
             processor=self.processor,
+            image_tokens=self.model_config.num_image_tokens,
         ).to(self.engine.device)
         batch.pixel_values = batch.pixel_values.to(self.dtype)
         return batch

@@ -1,5 +1,6 @@
 """Importers read tiny random checkpoints written in the LLaDA-MoE and SigLIP formats."""
 
+import copy
 import json
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from dimoe.model.build import build_model
-from dimoe.model.importers import ImportErrorDetail
+from dimoe.errors import UserError
+from dimoe.model.build import build_model, load_checkpoint, save_checkpoint
+from dimoe.model.importers import ImportErrorDetail, set_image_size
 from tests.model.upstream import llada_dense_logits, llada_moe_logits, write_llada_dense, write_llada_moe
 
 
@@ -152,3 +154,23 @@ def test_image_size_off_the_patch_grid_is_refused(tiny_spec, tokenizer, tmp_path
         build_model(
             tiny_spec.model_copy(update={"vision": vision}), tokenizer, vision_from=tmp_path / "siglip"
         )
+
+
+def test_set_image_size_keeps_the_tower_and_interpolates_its_positions(checkpoint, tmp_path):
+    """The resolution ablation's `vision_image_size`: the checkpoint's 32 px tower (8 px patches,
+    2×2 pooling: 4 image tokens) trained at 64 px computes what SigLIP computes at 64 px with
+    `interpolate_pos_encoding`, and saves as a 64 px checkpoint with 16 image tokens."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    original = copy.deepcopy(model.vision.encoder)
+    set_image_size(model, 64)
+    assert model.config.num_image_tokens == 16 and model.config.vision_config["image_size"] == 64
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.vision.encoder(pixel_values=pixels).last_hidden_state
+        theirs = original(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    reloaded, _ = load_checkpoint(save_checkpoint(model, tokenizer, tmp_path / "at64"))
+    assert reloaded.config.num_image_tokens == 16
+    assert json.loads((tmp_path / "at64" / "preprocessor_config.json").read_text())["size"]["height"] == 64
+    with pytest.raises(UserError, match="not a multiple of the patch size 8"):
+        set_image_size(model, 60)

@@ -258,3 +258,30 @@ def test_eos_padding_weight_scales_only_the_padding_after_each_answer(tiny_model
     assert (grad[answer] > 0).all()
     assert (results[1.0][1][batch.eos_padding_mask] > 0).all()
     assert results[0.0][0] != pytest.approx(results[1.0][0])
+
+
+def test_collate_resizes_image_runs_to_the_models_count(tiny_model, rows):
+    """Rows normalized for 4 image tokens, a tower trained at a resolution that needs 9: each
+    image row gets 9 image tokens, its prompt 5 more tokens, and nothing else changes."""
+    c = tiny_model.config
+    batch = collate(rows, pad_id=c.pad_token_id, eos_id=c.eos_token_id, image_id=c.image_token_id,
+                    response_length=8, processor=ImageProcessor(c.image_size), image_tokens=9)  # fmt: skip
+    assert batch.image_mask.sum(1).tolist() == [9, 0, 9]
+    assert batch.prefix_mask.sum(1).tolist() == [
+        p + 5 if i != 1 else p for i, p in enumerate(rows["prompt_length"])
+    ]
+    before = make_batch(tiny_model, rows)
+    assert torch.equal(batch.input_ids[:, -8:], before.input_ids[:, -8:])  # the responses
+    text = [ids[mask].tolist() for ids, mask in zip(batch.input_ids, batch.prompt_text_mask, strict=True)]
+    assert text == [
+        ids[mask].tolist() for ids, mask in zip(before.input_ids, before.prompt_text_mask, strict=True)
+    ]
+
+
+def test_vision_image_size_trains_init_from_at_another_resolution(checkpoint):
+    from dimoe.train.loop import load_initial_model
+
+    cfg = TrainConfig(stage="stage2_full", init_from=str(checkpoint), vision_image_size=64)
+    model, _ = load_initial_model(cfg)
+    assert model.training and model.config.vision_config["image_size"] == 64
+    assert model.config.num_image_tokens == 16  # 8×8 patches of 8 px, pooled 2×2

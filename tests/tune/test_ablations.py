@@ -14,7 +14,7 @@ from dimoe.config.model import ModelConfig
 from dimoe.config.tune import TuneConfig
 from dimoe.eval.paper import export_paper_tables
 from dimoe.tune import run_grid
-from dimoe.tune.ablations import RESULT_COLUMNS
+from dimoe.tune.ablations import RESULT_COLUMNS, validate_grid
 from tests.train.blends import COLOURS, write_blends
 
 QUESTION_TYPES = ("colour", "shape", "count", "position")
@@ -135,3 +135,11 @@ def test_changed_grid_is_refused_and_typos_fail_before_any_trial(grid_config):
         run_grid(bad)
     with pytest.raises(ValueError, match="unknown variant or group 'nope'"):
         grid_config.selected(["nope"])
+
+
+def test_every_shipped_variant_resolves_to_valid_stage_configs():
+    """Typos in configs/tune/ablations.yaml (any group, the resolution ablation included) fail here."""
+    cfg = load_config("configs/tune/ablations.yaml", TuneConfig)
+    every = cfg.selected(list(cfg.groups))
+    assert {"res_384", "res_768"} <= set(every)
+    validate_grid(cfg, every)
