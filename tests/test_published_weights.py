@@ -7,7 +7,6 @@ published layout, carried through `model init --backbone-from` → `data normali
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import openai
 import pyarrow.parquet as pq
@@ -15,8 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from dimoe.cli import app
@@ -27,35 +25,9 @@ from dimoe.io import free_ports, read_jsonl, write_jsonl
 from dimoe.model.build import load_checkpoint
 from dimoe.serving.server import start_server_background
 from tests.model.upstream import write_llada_moe
+from tests.published_tokenizer import LING_TEMPLATE, ling_style_tokenizer
 
-# The rendered format of LLaDA-MoE-Instruct (Ling family): `<role>HUMAN</role>…<|role_end|>`.
-LING_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set role = message['role'] | lower -%}"
-    "{%- if role == 'user' -%}{%- set role = 'HUMAN' -%}{%- endif -%}"
-    "{{- '<role>' + (role | upper) + '</role>' + message['content'] + '<|role_end|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<role>ASSISTANT</role>' -}}{%- endif -%}"
-)
-SPECIALS = ["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"]
-PADDING_ROWS = 6  # published vocabularies are padded beyond the tokenizer (157184 vs 156896 + ...)
-
-
-def ling_style_tokenizer(corpus: list[str], out: Path) -> PreTrainedTokenizerFast:
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
-    )
-    core.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        extra_special_tokens=["<role>", "</role>", "<|role_end|>"], chat_template=LING_TEMPLATE,
-    )  # fmt: skip
-    tokenizer.save_pretrained(out)
-    return tokenizer
+PADDING_ROWS = 6  # published vocabularies are padded beyond the tokenizer (157184 rows, fewer tokens)
 
 
 def invoke(*argv: str) -> dict:

@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 from transformers import AutoTokenizer
 
 from dimoe.data.chat import ChatFormatError, Message, encode_chat
 from dimoe.data.tokenizer import IMAGE, load_tokenizer, train_tokenizer
+from tests.published_tokenizer import LING_TEMPLATE, ling_style_tokenizer
 
 TEXTS = [
     f"the {c} shape number {i} is at the {p}"
@@ -71,3 +74,64 @@ def test_image_without_placeholder_goes_before_first_user_turn(tok):
 def test_malformed_conversations_are_named(tok, messages, match):
     with pytest.raises(ChatFormatError, match=match):
         encode_chat(tok, messages, num_image_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def ling(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ling")
+    ling_style_tokenizer(TEXTS * 3, out)
+    return load_tokenizer(out)
+
+
+def test_published_template_sets_the_boundary_for_system_and_multi_turn(ling):
+    """The prompt is the template's rendering with add_generation_prompt=True, the response what the
+    full rendering adds, closed by EOS (after the template's own <|role_end|>)."""
+    msgs = [
+        Message("system", "be brief"),
+        Message("user", f"{IMAGE}\nwhat colour?"),
+        Message("assistant", "red"),
+        Message("user", "and the shape?"),
+        Message("assistant", "circle"),
+    ]
+    enc = encode_chat(ling, msgs, num_image_tokens=3)
+    prompt = ling.decode(enc.input_ids[: enc.prompt_length])
+    assert prompt == (
+        "<role>SYSTEM</role>be brief<|role_end|>"
+        f"<role>HUMAN</role>{IMAGE * 3}\nwhat colour?<|role_end|><role>ASSISTANT</role>red<|role_end|>"
+        "<role>HUMAN</role>and the shape?<|role_end|><role>ASSISTANT</role>"
+    )
+    assert ling.decode(enc.input_ids[enc.prompt_length :]) == "circle<|role_end|><|endoftext|>"
+    gen = encode_chat(ling, msgs[:4], num_image_tokens=3, add_generation_prompt=True)
+    assert gen.input_ids == enc.input_ids[: enc.prompt_length]
+    rendered = ling.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in msgs[:4]], add_generation_prompt=True, tokenize=False
+    )
+    assert rendered.replace(IMAGE, IMAGE * 3) == prompt  # exactly the tokenizer's own rendering
+
+
+def test_adaptation_adds_only_the_image_token_and_declares_the_existing_mask(ling):
+    assert ling.mask_token == "<|mask|>" and ling.pad_token == "<|endoftext|>"
+    assert ling.convert_ids_to_tokens(len(ling) - 1) == IMAGE
+    assert ling.chat_template == LING_TEMPLATE and ling.padding_side == "left"
+
+
+def test_own_template_renders_for_anyone_as_the_library_encodes(tok, tmp_path):
+    """`apply_chat_template` on the saved tokenizer gives the ids `encode_chat` gives."""
+    tok.save_pretrained(tmp_path)
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    msgs = [Message("system", "be brief"), Message("user", "what colour?"), Message("assistant", "red"),
+            Message("user", "why?")]  # fmt: skip
+    ids = plain.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in msgs], add_generation_prompt=True
+    )
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == encode_chat(tok, msgs, add_generation_prompt=True).input_ids
+
+
+def test_a_template_whose_prompt_is_not_a_prefix_is_refused(tok):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    with pytest.raises(ChatFormatError, match="not .*a\\s+prefix|as a\\s+prefix"):
+        encode_chat(tok, [Message("user", "a"), Message("assistant", "b")])
