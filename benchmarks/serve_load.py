@@ -2,18 +2,22 @@
 decoder `max_batch_size` 32 versus 1, each driven by `--concurrency` clients sending `--requests`
 chat completions (preset fast, 16 tokens) through the benchmark actor.
 
-Prints both runs side by side (latency percentiles, requests/s, tokens/s, NFE) with the throughput
-ratio and the decoder's mean batch size, and fails if any request was lost or failed. Without
+Prints the runs side by side (latency percentiles, requests/s, tokens/s, NFE) with the throughput
+ratio and the decoder's mean batch size, and fails if any request was lost or failed. Each of
+`--dispatches` (the MoE layer's expert dispatch: `auto`, the grouped GEMM here, and `loop`, the
+per-expert fallback) is served in turn from a copy of the checkpoint's config.json that sets it. Without
 --checkpoint a random tiny model (configs/model/tiny.yaml) is built: the answers are gibberish, the
 compute per request is the real tiny model's.
 
-    python benchmarks/serve_load.py [--checkpoint DIR] [--requests 1000] [--concurrency 32] [--json out.json]
+    python benchmarks/serve_load.py [--checkpoint DIR] [--requests 1000] [--concurrency 32]
+        [--dispatches auto,loop] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +47,17 @@ def tiny_checkpoint(out: Path) -> Path:
     tokenizer = train_tokenizer(texts, 512, out / "tokenizer")
     model = build_model(load_config("configs/model/tiny.yaml", ModelConfig), tokenizer, seed=0)
     return save_checkpoint(model, tokenizer, out / "model")
+
+
+def with_dispatch(checkpoint: Path, dispatch: str, out: Path) -> Path:
+    """The checkpoint with `moe_dispatch` set: its files linked, its config.json rewritten."""
+    out.mkdir(parents=True)
+    for item in checkpoint.iterdir():
+        if item.name != "config.json":
+            (out / item.name).symlink_to(item.resolve())
+    config = json.loads((checkpoint / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "moe_dispatch": dispatch}, indent=2))
+    return out
 
 
 def run_one(checkpoint: Path, max_batch_size: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -86,32 +101,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--dispatches", default="auto,loop", help="comma-separated moe_dispatch values")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    runs: dict[str, dict[str, Any]] = {}
     try:
         with TemporaryDirectory() as tmp:
             checkpoint = args.checkpoint or tiny_checkpoint(Path(tmp))
-            runs = {
-                f"batch {args.batch_size}": run_one(checkpoint, args.batch_size, args),
-                "batch 1": run_one(checkpoint, 1, args),
-            }
+            for dispatch in args.dispatches.split(","):
+                served = with_dispatch(checkpoint, dispatch, Path(tmp) / dispatch)
+                for size in (args.batch_size, 1):
+                    runs[f"batch {size}, {dispatch}"] = run_one(served, size, args)
     finally:
         ray.shutdown()
 
-    batched, single = runs.values()
-    ratio = batched["requests_per_s"] / single["requests_per_s"]
+    ratios = {
+        dispatch: runs[f"batch {args.batch_size}, {dispatch}"]["requests_per_s"]
+        / runs[f"batch 1, {dispatch}"]["requests_per_s"]
+        for dispatch in args.dispatches.split(",")
+    }
     report = {
         "protocol": args.protocol,
         "preset": args.preset,
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
         "runs": runs,
-        "throughput_ratio": ratio,
+        "throughput_ratio": ratios,
+        "load_average": {"before": load_before, "after": os.getloadavg()},
     }
     print(format_table(runs, [*TABLE_FIELDS, ("decoder_mean_batch_size", "{:.2f}")]))
-    print(f"throughput ratio batch {args.batch_size} / batch 1, {args.concurrency} clients: {ratio:.2f}x")
+    for dispatch, ratio in ratios.items():
+        clients = f"{args.concurrency} clients"
+        print(f"{dispatch}: throughput ratio batch {args.batch_size} / batch 1, {clients}: {ratio:.2f}x")
+    print(f"load average before {load_before}, after {os.getloadavg()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -1,5 +1,6 @@
 """Training-step throughput of the tiny model on 2 Ray Train workers (CPU, DeepSpeed):
-complementary views versus a single view, and ZeRO-0 versus ZeRO-2. Prints one table.
+complementary views versus a single view, ZeRO-0 versus ZeRO-2, and the MoE layer's grouped-GEMM
+expert dispatch versus its per-expert loop (`moe_dispatch`, same results). Prints one table.
 
 Needs a blend (run `dimoe data synth` → `normalize` → `build-stage-blends` first, or `make demo`):
 
@@ -10,30 +11,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
 
 import ray
 
-from dimoe.config.loader import load_config
+from dimoe.config.loader import load_config, resolve_config_path
 from dimoe.config.train import TrainConfig
 from dimoe.train.launcher import run_stage
 
+# name: (train overrides, the model's moe_dispatch)
 VARIANTS = {
-    "single view, ZeRO-2": ["diffusion.views=single", "losses.lambda_cons=0", "deepspeed.zero_stage=2"],
-    "complementary, ZeRO-2": ["diffusion.views=complementary", "deepspeed.zero_stage=2"],
-    "complementary, ZeRO-0": ["diffusion.views=complementary", "deepspeed.zero_stage=0"],
+    "single view, ZeRO-2": (
+        ["diffusion.views=single", "losses.lambda_cons=0", "deepspeed.zero_stage=2"],
+        "auto",
+    ),
+    "complementary, ZeRO-2": (["diffusion.views=complementary", "deepspeed.zero_stage=2"], "auto"),
+    "complementary, ZeRO-0": (["diffusion.views=complementary", "deepspeed.zero_stage=0"], "auto"),
+    "complementary, ZeRO-2, loop experts": (
+        ["diffusion.views=complementary", "deepspeed.zero_stage=2"],
+        "loop",
+    ),
 }
 
 
-def measure(overrides: list[str], args: argparse.Namespace, out: Path) -> dict[str, float]:
+def model_config(out: Path, dispatch: str) -> Path:
+    """configs/model/tiny.yaml with this expert dispatch."""
+    path = out / "model.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tiny = resolve_config_path("configs/model/tiny.yaml").resolve()
+    path.write_text(f"base: {tiny}\nmoe_dispatch: {dispatch}\n")
+    return path
+
+
+def measure(overrides: list[str], dispatch: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     cfg = load_config(
         "configs/train/tiny/stage2_full.yaml",
         TrainConfig,
         [
             f"data.data_dir={args.data_dir}",
             f"tokenizer={args.tokenizer}",
+            f"model={model_config(out, dispatch)}",
             f"output_dir={out}",
             "init_from=null",
             "requires_init=false",
@@ -59,17 +79,19 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="artifacts/data/demo/tokenizer")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()}")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, overrides) in enumerate(VARIANTS.items()):
-            rows[name] = measure(overrides, args, Path(tmp) / str(i))
+        for i, (name, (overrides, dispatch)) in enumerate(VARIANTS.items()):
+            rows[name] = measure(overrides, dispatch, args, Path(tmp) / str(i))
     base = rows["single view, ZeRO-2"]["tokens_per_s"]
-    print(f"\n{'variant':<24}{'tokens/s':>10}{'vs single':>11}{'supervised tok/step':>21}")
+    print(f"load average after: {os.getloadavg()}")
+    print(f"\n{'variant':<38}{'tokens/s':>10}{'vs single':>11}{'supervised tok/step':>21}")
     for name, r in rows.items():
         ratio = r["tokens_per_s"] / base
-        print(f"{name:<24}{r['tokens_per_s']:>10.0f}{ratio:>10.2f}x{r['supervised_tokens']:>21.0f}")
+        print(f"{name:<38}{r['tokens_per_s']:>10.0f}{ratio:>10.2f}x{r['supervised_tokens']:>21.0f}")
     ray.shutdown()
 
 
