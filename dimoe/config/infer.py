@@ -39,6 +39,8 @@ class DecodeSettings(StrictModel):
     block_length: int = Field(32, gt=0)
     threshold: float = Field(0.9, ge=0.0)  # `threshold` strategy: reveal tokens with confidence >= this
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy; > 0 = Gumbel-max sampling
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens of a position (0 = all)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # ... or among its top-p nucleus (1 = all)
     remasking: str = "low_confidence"  # `llada` strategy: which tokens a step reveals
     cfg_scale: float = Field(0.0, ge=0.0)  # `llada` strategy: classifier-free guidance (0 = off)
     # Keys/values reused across steps (dimoe.infer.engine.ModelLogits): `none`; `prefix`, the prompt's,

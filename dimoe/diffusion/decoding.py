@@ -13,18 +13,26 @@ block only lets the caller skip the LM head elsewhere and answer from a cache (t
 cache, or Fast-dLLM's block cache, which it refreshes when the window moves to the next block).
 
 Both are generators that yield a `DecodeState` after each committed block (for streaming);
-`final_state` drains one.
+`final_state` drains one. Sampling (temperature > 0) may be restricted to the top-k tokens or the
+top-p nucleus of each position, and may draw every row's noise from the row's own generator, so a
+request's sample does not depend on the rest of its batch. Each state also records the probability
+every token had under the model at the step it was revealed (and, on request, the most likely
+alternatives at that step): a diffusion model's analogue of an autoregressive token logprob.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+# One generator for the whole batch, or one per batch row.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+# Rows whose decided text has reached a stop sequence, from the response tokens [B, G].
+StopFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -36,6 +44,33 @@ class DecodeState:
     steps_used: int  # batched forward passes so far
     block: int  # index of the block just committed
     finished: torch.Tensor  # Bool[B], rows whose tokens are final
+    reveals: RevealRecord | None = None  # each token's probability when it was revealed
+
+
+class RevealRecord:
+    """Per response position, the probability of the token revealed there under the step's
+    logits (NaN while undecided), and with `top` > 0 the `top` most likely tokens at that step."""
+
+    def __init__(self, batch: int, gen_length: int, top: int, device: torch.device) -> None:
+        self.probability = torch.full((batch, gen_length), torch.nan, dtype=torch.float64, device=device)
+        self.top_ids = torch.zeros(batch, gen_length, top, dtype=torch.long, device=device)
+        self.top_probability = torch.zeros(batch, gen_length, top, dtype=torch.float64, device=device)
+
+    def update(
+        self, rows: torch.Tensor, columns: slice, revealed: torch.Tensor, probability: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Record the `revealed` [b, W] positions of response `columns` of batch `rows`."""
+        block = self.probability[rows, columns]
+        self.probability[rows, columns] = torch.where(revealed, probability, block)
+        top = self.top_ids.shape[-1]
+        if top:
+            values, ids = F.softmax(logits.to(torch.float64), dim=-1).topk(top, dim=-1)
+            keep = revealed.unsqueeze(-1)
+            self.top_ids[rows, columns] = torch.where(keep, ids, self.top_ids[rows, columns])
+            self.top_probability[rows, columns] = torch.where(
+                keep, values, self.top_probability[rows, columns]
+            )
 
 
 def final_state(states: Iterator[DecodeState]) -> DecodeState:
@@ -54,9 +89,39 @@ def check_schedule(steps: int, gen_length: int, block_length: int) -> tuple[int,
     return num_blocks, steps // num_blocks
 
 
-def add_gumbel_noise(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+def uniform(
+    shape: tuple[int, ...], generator: Generators, device: torch.device, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
+    """U(0, 1) noise of `shape` (rows first); with one generator per row, row i is drawn from
+    generator i alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, dtype=dtype, generator=generator, device=device)
+    return torch.stack([torch.rand(shape[1:], dtype=dtype, generator=g, device=device) for g in generator])
+
+
+def rows_of(generator: Generators, rows: torch.Tensor) -> Generators:
+    """The generators of a subset of rows (a shared generator stays shared)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return [generator[i] for i in rows.tolist()]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits outside each position's `top_k` most likely tokens, or outside the smallest set of
+    most likely tokens whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020),
+    set to -inf. The most likely token always stays, so greedy decoding is unchanged."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = F.softmax(ordered.to(torch.float64), dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), -torch.inf)
+    return logits
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: Generators) -> torch.Tensor:
     """Scores whose argmax samples softmax(logits / temperature) by the Gumbel-max trick:
     exp(l) / (-log u)^T with u ~ U(0, 1) is a monotone transform of l / T + Gumbel noise.
 
@@ -66,16 +131,17 @@ def add_gumbel_noise(
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    noise = uniform(tuple(logits.shape), generator, logits.device)
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
 def predict(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, generator: Generators, top_k: int = 0, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The predicted clean tokens x0 [b, L] (greedy or Gumbel-sampled) and their probability
-    under the model, p(x0) [b, L] in float64: LLaDA's low-confidence score."""
-    x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+    """The predicted clean tokens x0 [b, L] (greedy, or Gumbel-sampled from the top-k / top-p
+    tokens) and their probability under the model, p(x0) [b, L] in float64: LLaDA's
+    low-confidence score."""
+    x0 = add_gumbel_noise(filter_logits(logits, top_k, top_p), temperature, generator).argmax(dim=-1)
     return x0, probability_of(logits, x0)
 
 
@@ -130,7 +196,9 @@ def llada_scores(
     window: slice,
     remasking: str,
     temperature: float,
-    generator: torch.Generator | None,
+    generator: Generators,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and the remasking score [b, W] of the `window` positions of a sequence of `length`:
     p(x0) (low_confidence) or U(0, 1) (random). LLaDA's reference sampler draws its Gumbel noise
@@ -138,12 +206,12 @@ def llada_scores(
     keeps a seeded run identical to it, though only the window's logits were computed."""
     if temperature > 0:
         # Zero logits outside the window only give the noise its whole-sequence shape.
-        padded = F.pad(logits, (0, 0, window.start, length - window.stop))
+        padded = F.pad(filter_logits(logits, top_k, top_p), (0, 0, window.start, length - window.stop))
         x0 = add_gumbel_noise(padded, temperature, generator)[:, window].argmax(dim=-1)
     else:
         x0 = logits.argmax(dim=-1)
     if remasking == "random":
-        score = torch.rand((logits.shape[0], length), generator=generator, device=logits.device)
+        score = uniform((logits.shape[0], length), generator, logits.device, torch.float32)
         return x0, score[:, window]
     return x0, probability_of(logits, x0)
 
@@ -160,7 +228,10 @@ def llada_decode(
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    top_logprobs: int = 0,
 ) -> Iterator[DecodeState]:
     """The published LLaDA sampler (Nie et al. 2025, arXiv:2502.09992, Appendix A: Alg. 4
     "random remasking" and Alg. 5 "low-confidence remasking", semi-autoregressive blocks).
@@ -175,7 +246,8 @@ def llada_decode(
       4. reveal the num_transfer_tokens[step] best-scoring masked positions with their x0.
     LLaDA scores the whole sequence with -inf after block k; every position before it is
     decided, so reading block k alone decides the same tokens. No early stop: the whole G is
-    filled. Every step is one forward (two with CFG), whatever cache the `logits_fn` uses.
+    filled (a caller cuts the output at EOS or a stop sequence). Every step is one forward (two
+    with CFG), whatever cache the `logits_fn` uses.
     """
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"unknown remasking {remasking!r} (valid: low_confidence, random)")
@@ -186,21 +258,28 @@ def llada_decode(
     prompt_index = x != mask_id
     rows = torch.arange(batch, device=prompt.device)
     forwards_per_step = 2 if cfg_scale > 0 else 1
+    reveals = RevealRecord(batch, gen_length, top_logprobs, prompt.device)
     for block in range(num_blocks):
         window = slice(prompt_length + block * block_length, prompt_length + (block + 1) * block_length)
         schedule = num_transfer_tokens((x[:, window] == mask_id).sum(dim=1), steps_per_block)
         for step in range(steps_per_block):
             logits = guided_logits(logits_fn, x, rows, window, prompt_index, mask_id, cfg_scale)
-            x0, score = llada_scores(logits, x.shape[1], window, remasking, temperature, generator)
+            x0, score = llada_scores(
+                logits, x.shape[1], window, remasking, temperature, generator, top_k, top_p
+            )
             current = x[:, window]
             confidence = score.masked_fill(current != mask_id, -torch.inf)
-            x[:, window] = torch.where(top_k_per_row(confidence, schedule[:, step]), x0, current)
+            revealed = top_k_per_row(confidence, schedule[:, step])
+            x[:, window] = torch.where(revealed, x0, current)
+            columns = slice(window.start - prompt_length, window.stop - prompt_length)
+            reveals.update(rows, columns, revealed, probability_of(logits, x0), logits)
         yield DecodeState(
             tokens=x[:, prompt_length:].clone(),
             nfe=torch.full((batch,), (block + 1) * steps_per_block * forwards_per_step, device=x.device),
             steps_used=(block + 1) * steps_per_block,
             block=block,
             finished=torch.full((batch,), block == num_blocks - 1, device=x.device),
+            reveals=reveals,
         )
 
 
@@ -232,6 +311,17 @@ def stop_at_eos(tokens: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor
     return done
 
 
+def _stopped(
+    stop: StopFn, tokens: torch.Tensor, finished: torch.Tensor, eos_id: int, mask_id: int
+) -> torch.Tensor:
+    """Rows (not yet finished) whose decided text holds a stop sequence; like a row stopped at
+    EOS, their undecided positions are filled with EOS (the caller cuts the output at the stop)."""
+    hit = stop(tokens) & ~finished
+    if bool(hit.any()):
+        tokens[hit] = tokens[hit].masked_fill(tokens[hit] == mask_id, eos_id)
+    return hit
+
+
 @torch.no_grad()
 def threshold_decode(
     logits_fn: LogitsFn,
@@ -244,7 +334,11 @@ def threshold_decode(
     block_length: int,
     threshold: float,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    top_logprobs: int = 0,
+    stop: StopFn | None = None,
 ) -> Iterator[DecodeState]:
     """Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025, arXiv:2505.22618) within
     LLaDA's block schedule and step budget, with early stop at EOS.
@@ -256,8 +350,9 @@ def threshold_decode(
          ceil(masked in block / steps left in the block's budget) of them (the most confident),
          see `threshold_reveal_count`; so no block takes more than steps / num_blocks steps and
          the whole generation never more than `steps`;
-      3. a row is finished once it holds an EOS with everything before it decided (`stop_at_eos`):
-         its remaining positions become EOS and it leaves the batch.
+      3. a row is finished once it holds an EOS with everything before it decided (`stop_at_eos`),
+         or once `stop` finds a stop sequence in its decided text: its remaining positions become
+         EOS and it leaves the batch.
     A row whose block is complete waits for the others without a forward pass, so NFE is counted
     per row: each forward counts once for every row it includes.
     """
@@ -268,23 +363,30 @@ def threshold_decode(
     tokens = x[:, prompt_length:]  # a view: the response
     nfe = torch.zeros(batch, dtype=torch.long, device=prompt.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    reveals = RevealRecord(batch, gen_length, top_logprobs, prompt.device)
     steps_used = 0
     for block in range(num_blocks):
         window = slice(prompt_length + block * block_length, prompt_length + (block + 1) * block_length)
+        columns = slice(window.start - prompt_length, window.stop - prompt_length)
         for step in range(steps_per_block):
             rows = (~finished & (x[:, window] == mask_id).any(dim=1)).nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
             current = x[rows, window]
-            x0, probability = predict(logits_fn(x[rows], rows, window), temperature, generator)
+            logits = logits_fn(x[rows], rows, window)
+            x0, probability = predict(logits, temperature, rows_of(generator, rows), top_k, top_p)
             nfe[rows] += 1
             steps_used += 1
             masked = current == mask_id
             confidence = probability.masked_fill(~masked, -torch.inf)
             count = threshold_reveal_count(confidence, masked.sum(dim=1), threshold, steps_per_block - step)
-            x[rows, window] = torch.where(top_k_per_row(confidence, count), x0, current)
+            revealed = top_k_per_row(confidence, count)
+            x[rows, window] = torch.where(revealed, x0, current)
+            reveals.update(rows, columns, revealed, probability, logits)
             finished |= stop_at_eos(tokens, eos_id, mask_id)
+            if stop is not None:
+                finished |= _stopped(stop, tokens, finished, eos_id, mask_id)
         last = block == num_blocks - 1
-        yield DecodeState(tokens.clone(), nfe.clone(), steps_used, block, finished | last)
+        yield DecodeState(tokens.clone(), nfe.clone(), steps_used, block, finished | last, reveals)
         if bool(finished.all()):
             return

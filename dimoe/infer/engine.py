@@ -24,6 +24,7 @@ batch, so sampled outputs are reproducible per batch, not per request.)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,9 +39,23 @@ from transformers import PreTrainedTokenizerBase
 from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.config.loader import load_config
 from dimoe.data.chat import encode_chat
-from dimoe.diffusion.decoding import DecodeState, final_state, llada_decode, threshold_decode
+from dimoe.diffusion.decoding import (
+    DecodeState,
+    Generators,
+    StopFn,
+    final_state,
+    llada_decode,
+    threshold_decode,
+)
 from dimoe.errors import UserError
-from dimoe.infer.inputs import Request, Result, read_prompts, request_conversation, write_predictions
+from dimoe.infer.inputs import (
+    Request,
+    Result,
+    TokenLogprob,
+    read_prompts,
+    request_conversation,
+    write_predictions,
+)
 from dimoe.model.build import load_checkpoint
 from dimoe.model.modeling import BlockCache, DiMoEVLModel, PrefixCache
 from dimoe.model.processor import ImageProcessor
@@ -187,12 +202,26 @@ def check_context(prompt_length: int, gen_length: int, context: int) -> None:
 
 
 @torch.no_grad()
-def iter_generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSettings) -> Iterator[DecodeState]:
-    """Decode `batch` with `settings`, yielding the state after each committed block."""
+def iter_generate(
+    model: DiMoEVLModel,
+    batch: PromptBatch,
+    settings: DecodeSettings,
+    *,
+    seeds: Sequence[int] | None = None,
+    stop: StopFn | None = None,
+    top_logprobs: int = 0,
+) -> Iterator[DecodeState]:
+    """Decode `batch` with `settings`, yielding the state after each committed block. `seeds`: one
+    per row, each row's noise then comes from its own generator (default: one generator for the
+    batch, seeded with `settings.seed`); `stop` ends rows early (threshold strategy);
+    `top_logprobs`: alternatives recorded per revealed token."""
     config = model.config
     check_context(batch.input_ids.shape[1], settings.gen_length, config.max_position_embeddings)
     device = batch.input_ids.device
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    if seeds is None:
+        generator: Generators = torch.Generator(device=device).manual_seed(settings.seed)
+    else:
+        generator = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     logits = ModelLogits(model, batch, settings.gen_length, settings.cache)
     shared = {
         "mask_id": config.mask_token_id,
@@ -200,7 +229,10 @@ def iter_generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSetti
         "gen_length": settings.gen_length,
         "block_length": settings.block_length,
         "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
         "generator": generator,
+        "top_logprobs": top_logprobs,
     }
     if settings.strategy == "llada":
         yield from llada_decode(
@@ -208,8 +240,9 @@ def iter_generate(model: DiMoEVLModel, batch: PromptBatch, settings: DecodeSetti
         )
     else:
         yield from threshold_decode(
-            logits, batch.input_ids, eos_id=config.eos_token_id, threshold=settings.threshold, **shared
-        )
+            logits, batch.input_ids, eos_id=config.eos_token_id, threshold=settings.threshold, stop=stop,
+            **shared,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -301,9 +334,12 @@ class GenerationEngine:
             if image is not None and self.processor is None:
                 raise UserError("the request has an image but the model has no vision tower")
             num_image_tokens = config.num_image_tokens if image is not None else 0
-            prompt_ids = encode_chat(
-                self.tokenizer, messages, num_image_tokens=num_image_tokens, add_generation_prompt=True
-            ).input_ids
+            if not request.chat_template:  # a completions prompt, continued as written
+                prompt_ids = self.tokenizer(request.prompt_text, add_special_tokens=True)["input_ids"]
+            else:
+                prompt_ids = encode_chat(
+                    self.tokenizer, messages, num_image_tokens=num_image_tokens, add_generation_prompt=True
+                ).input_ids
             if config.mask_token_id in prompt_ids:
                 raise UserError("the prompt contains the reserved mask token")
             check_context(len(prompt_ids), settings.gen_length, config.max_position_embeddings)
@@ -324,26 +360,71 @@ class GenerationEngine:
         return PromptBatch(input_ids.to(self.device), attention_mask.to(self.device), pixels)
 
     def _decode_batch(self, items: list[EncodedRequest], settings: DecodeSettings) -> Iterator[StreamChunk]:
+        """Every request's seed draws its own noise, so its text does not depend on its batch."""
         start = time.perf_counter()
         done = [False] * len(items)
-        for state in iter_generate(self.model, self.collate(items), settings):
+        requests = [item.request for item in items]
+        states = iter_generate(
+            self.model, self.collate(items), settings,
+            seeds=[settings.seed if r.seed is None else r.seed for r in requests],
+            stop=self._stop_fn([r.stop for r in requests]) if any(r.stop for r in requests) else None,
+            top_logprobs=max((r.top_logprobs or 0 for r in requests), default=0),
+        )  # fmt: skip
+        for state in states:
             now = time.perf_counter()
             committed = state.tokens[:, : (state.block + 1) * settings.block_length].tolist()
             for row, item in enumerate(items):
                 if done[row]:
                     continue
-                output_ids = self._until_eos(committed[row])
-                text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+                output_ids, text, stopped = self._output(committed[row], item.request.stop)
                 done[row] = bool(state.finished[row])
                 result = None
                 if done[row]:
+                    finish = "stop" if stopped or len(output_ids) < settings.gen_length else "length"
+                    logprobs = self._logprobs(state, row, output_ids, item.request)
                     nfe = int(state.nfe[row])
                     result = Result(item.request.id, text, item.prompt_ids, output_ids, nfe, now - start)
+                    result.finish_reason, result.logprobs = finish, logprobs
                 yield StreamChunk(item.index, item.request.id, state.block, text, done[row], result)
 
-    def _until_eos(self, ids: list[int]) -> list[int]:
+    def _output(self, ids: list[int], stop: Sequence[str]) -> tuple[list[int], str, bool]:
+        """The tokens before the first EOS, their text cut before the first stop sequence, and
+        whether a stop sequence cut it."""
         eos = self.model.config.eos_token_id
-        return ids[: ids.index(eos)] if eos in ids else ids
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((text.index(s) for s in stop if s in text), default=None)
+        return ids, text if cut is None else text[:cut], cut is not None
+
+    def _stop_fn(self, stops: list[tuple[str, ...]]) -> StopFn:
+        """Rows whose decided text (the tokens before the first mask) holds one of their stops."""
+        mask = self.model.config.mask_token_id
+
+        def stopped(tokens: torch.Tensor) -> torch.Tensor:
+            hit = torch.zeros(len(stops), dtype=torch.bool, device=tokens.device)
+            for row, stop in enumerate(stops):
+                if stop:
+                    ids = tokens[row].tolist()
+                    decided = self.tokenizer.decode(ids[: ids.index(mask)] if mask in ids else ids)
+                    hit[row] = any(s in decided for s in stop)
+            return hit
+
+        return stopped
+
+    def _logprobs(
+        self, state: DecodeState, row: int, output_ids: list[int], request: Request
+    ) -> list[TokenLogprob] | None:
+        """Each output token's log-probability at the step it was revealed, with the request's
+        number of alternatives from that step."""
+        if request.top_logprobs is None or state.reveals is None:
+            return None
+        reveals, k, decode = state.reveals, request.top_logprobs, self.tokenizer.decode
+        return [
+            TokenLogprob(decode([token]), math.log(float(reveals.probability[row, i])),
+                         [(decode([int(t)]), math.log(float(p))) for t, p in
+                          zip(reveals.top_ids[row, i, :k], reveals.top_probability[row, i, :k], strict=True)])
+            for i, token in enumerate(output_ids)
+        ]  # fmt: skip
 
 
 def run_generate(

@@ -45,6 +45,12 @@ class Request:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     image: Image.Image | bytes | None = None
+    # Sampling noise of this request alone (None: the settings' seed): same seed, same text, in
+    # any batch.
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # the output ends before the first of these; decoding stops there
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's, and k alternatives
+    chat_template: bool = True  # False: `prompt` is decoded as it is (an OpenAI completions prompt)
 
     @property
     def prompt_text(self) -> str:
@@ -56,13 +62,25 @@ class Request:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability at the step it was revealed, with the `top` most likely
+    tokens of that step (token text, logprob)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
 class Result:
     id: str
-    output: str  # decoded response, cut at the first EOS
+    output: str  # decoded response, cut at the first EOS or stop sequence
     prompt_ids: list[int]
     output_ids: list[int]  # generated tokens before the first EOS
     nfe: int  # forward passes that included this request
     latency_s: float  # from the start of its batch to the end of the block in which it finished
+    finish_reason: str = "length"  # "stop": EOS or a stop sequence; "length": gen_length ran out
+    logprobs: list[TokenLogprob] | None = None  # per output token, when the request asked
 
 
 def request_conversation(

@@ -73,12 +73,15 @@ def save_checkpoint(model: DiMoEVLModel, tokenizer: PreTrainedTokenizerBase, out
     return out
 
 
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # HF refuses them without do_sample
+
+
 def generation_config(config: DiMoEConfig) -> GenerationConfig:
     """The default decoding preset of configs/infer/default.yaml, in HF's generation_config.json
     (the diffusion fields are extra keys; `max_new_tokens` is the generation length)."""
     infer = load_config("configs/infer/default.yaml", InferConfig)
     preset = infer.resolve(None)
-    greedy = preset.temperature == 0  # HF refuses a temperature without sampling
+    greedy = preset.temperature == 0
     return GenerationConfig(
         max_new_tokens=preset.gen_length,
         do_sample=not greedy,
@@ -86,7 +89,7 @@ def generation_config(config: DiMoEConfig) -> GenerationConfig:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         preset=infer.default_preset,
-        **preset.model_dump(exclude={"seed", "temperature"} if greedy else {"seed"}),
+        **preset.model_dump(exclude={"seed", *(SAMPLING_FIELDS if greedy else ())}),
     )
 
 

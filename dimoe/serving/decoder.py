@@ -102,11 +102,12 @@ class DecoderCore:
         return Completion(
             id=result.id,
             text=result.output,
-            finish_reason="stop" if generated < settings.gen_length else "length",
+            finish_reason=result.finish_reason,
             prompt_tokens=len(result.prompt_ids),
             completion_tokens=generated,
             nfe=result.nfe,
             latency_s=result.latency_s,
             nfe_x_active_params_b=result.nfe * self.active_params_b,
             strategy=settings.strategy,
+            logprobs=result.logprobs,
         )

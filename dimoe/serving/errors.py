@@ -7,20 +7,23 @@ pickles) and becomes an HTTP response or a gRPC status there.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-# HTTP status → (OpenAI error type, the `kind` tag of the error metric, gRPC status).
+# HTTP status → (OpenAI's error type, the `kind` tag of the error metric, gRPC status). The types
+# are OpenAI's own: its 401 is an `invalid_request_error` with code `invalid_api_key`, and its
+# overload a 503 `server_error`.
 _STATUS: dict[int, tuple[str, str, grpc.StatusCode]] = {
     400: ("invalid_request_error", "invalid_request", grpc.StatusCode.INVALID_ARGUMENT),
-    401: ("authentication_error", "auth", grpc.StatusCode.UNAUTHENTICATED),
+    401: ("invalid_request_error", "auth", grpc.StatusCode.UNAUTHENTICATED),  # code invalid_api_key
     404: ("invalid_request_error", "not_found", grpc.StatusCode.NOT_FOUND),
     405: ("invalid_request_error", "not_found", grpc.StatusCode.UNIMPLEMENTED),
     413: ("invalid_request_error", "too_large", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    503: ("overloaded_error", "overloaded", grpc.StatusCode.UNAVAILABLE),
+    503: ("server_error", "overloaded", grpc.StatusCode.UNAVAILABLE),
     500: ("server_error", "internal", grpc.StatusCode.INTERNAL),
 }
 
@@ -103,6 +106,9 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
         message, code = f"unknown field `{param}`", "unknown_field"
     elif first["type"] == "missing":
         message, code = f"missing required field `{param}`", "missing_field"
+    elif param is None and (named := re.match(r"Value error, (\w+): (.*)", first["msg"], re.DOTALL)):
+        # A check across fields (schemas.py's model validators) names its field first.
+        param, message, code = named[1], f"`{named[1]}`: {named[2]}", "unsupported_value"
     elif param is None:
         message, code = f"the request body must be a JSON object: {first['msg']}", "invalid_body"
     else:

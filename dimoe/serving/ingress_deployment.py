@@ -5,6 +5,7 @@ It validates and translates requests (`dimoe.serving`), then calls the decoder d
 no model work, so it reserves no CPU and accepts many requests at once.
 """
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -18,10 +19,18 @@ from dimoe.serving.client import DecoderClient
 from dimoe.serving.errors import ApiError, RequestRejected
 from dimoe.serving.grpc_service import GrpcMethods
 from dimoe.serving.http import BearerAuth, create_api, error_response
-from dimoe.serving.jobs import chat_job, generate_job
+from dimoe.serving.jobs import DecodeJob, chat_jobs, completion_jobs, generate_job
 from dimoe.serving.metrics import IngressMetrics
-from dimoe.serving.responses import chat_completion, chat_sse, generation
-from dimoe.serving.schemas import ChatCompletionRequest, GenerateRequest
+from dimoe.serving.responses import (
+    chat_chunk,
+    chat_chunks,
+    chat_completion,
+    generation,
+    stream_sse,
+    text_chunks,
+    text_completion,
+)
+from dimoe.serving.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, OpenAIFields
 
 # No `from __future__ import annotations` in this module: Serve rewrites the route signatures, and
 # FastAPI then needs the annotations as classes to see that `body` is the JSON body.
@@ -46,15 +55,40 @@ class Ingress(GrpcMethods):
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         self.check_model(body.model)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        job = chat_job(body, self.limits, request_id)
-        created = int(time.time())
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        jobs = chat_jobs(body, self.limits, request_id)
         if body.stream:
-            events = await self.decoder.open_stream(job)
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            sse = chat_sse(events, request_id, self.model_name, created, include_usage)
-            return StreamingResponse(sse, media_type="text/event-stream")
-        return chat_completion(await self.decoder.complete(job), self.model_name, created)
+            opening = chat_chunk(request_id, self.model_name, created, {"role": "assistant", "content": ""})
+            return await self.stream(
+                body, jobs[0], chat_chunks(request_id, self.model_name, created), opening
+            )
+        return chat_completion(await self.complete_all(jobs), self.model_name, created)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        self.check_model(body.model)
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        jobs = completion_jobs(body, self.limits, request_id)
+        if body.stream:
+            if len(jobs) > 1:
+                raise RequestRejected(
+                    ApiError(400, "stream: streaming takes one prompt", "prompt", "unsupported_value")
+                )
+            return await self.stream(body, jobs[0], text_chunks(request_id, self.model_name, created))
+        return text_completion(await self.complete_all(jobs), body.n, self.model_name, created)
+
+    async def complete_all(self, jobs: list[DecodeJob]) -> list[Any]:
+        """Every job's completion; sent together, they share the decoder's next batch."""
+        return list(await asyncio.gather(*(self.decoder.complete(job) for job in jobs)))
+
+    async def stream(
+        self, body: OpenAIFields, job: DecodeJob, chunk: Any, opening: Any = None
+    ) -> StreamingResponse:
+        events = await self.decoder.open_stream(job)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            stream_sse(events, chunk, include_usage, opening), media_type="text/event-stream"
+        )
 
     @api.post("/v1/generate")
     async def generate(self, body: GenerateRequest) -> Any:

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.config.loader import ConfigError
 from dimoe.config.serve import LimitsConfig
 from dimoe.data.images import ImageError, read_image_ref, verify_image
-from dimoe.infer.inputs import Request
+from dimoe.infer.inputs import Request, TokenLogprob
 from dimoe.serving.errors import ApiError, bad_request
-from dimoe.serving.schemas import ChatCompletionRequest, ChatMessage, DecodeFields, GenerateRequest
+from dimoe.serving.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DecodeFields,
+    GenerateRequest,
+    OpenAIFields,
+)
 
 # Stands in for an image_url once its bytes travel in `Request.image` (which takes precedence), so
 # that the placeholder keeps its place in the message without shipping the data URL twice.
@@ -46,6 +53,7 @@ class Completion:
     latency_s: float
     nfe_x_active_params_b: float
     strategy: str
+    logprobs: list[TokenLogprob] | None = None  # per output token, when asked
 
 
 @dataclass(frozen=True)
@@ -67,15 +75,42 @@ class StreamEvent:
     error: ApiError | None = None
 
 
-def chat_job(body: ChatCompletionRequest, limits: LimitsConfig, request_id: str) -> DecodeJob:
-    """An OpenAI chat request as a job; RequestRejected for a limit or an unusable image."""
+def chat_jobs(body: ChatCompletionRequest, limits: LimitsConfig, request_id: str) -> list[DecodeJob]:
+    """An OpenAI chat request as its `n` jobs; RequestRejected for a limit or an unusable image."""
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise bad_request("give one of max_tokens and max_completion_tokens", param="max_tokens")
     gen_length = body.max_completion_tokens or body.max_tokens
-    check_gen_length(gen_length, limits, "max_tokens")
     messages, image = chat_messages(body.messages, limits)
-    overrides = decode_overrides(body, gen_length=gen_length, temperature=body.temperature)
-    return DecodeJob(Request(request_id, messages=messages, image=image), body.preset, overrides)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    request = Request(request_id, messages=messages, image=image, top_logprobs=top)
+    return choice_jobs(body, request, gen_length, limits)
+
+
+def completion_jobs(body: CompletionRequest, limits: LimitsConfig, request_id: str) -> list[DecodeJob]:
+    """An OpenAI completions request as `n` jobs per prompt, prompt-major; the prompt is decoded
+    as it is, without the chat template."""
+    gen_length = body.max_tokens or 16  # OpenAI's default for /v1/completions
+    jobs = []
+    for prompt in body.prompts:
+        request = Request(request_id, prompt=prompt, chat_template=False, top_logprobs=body.logprobs)
+        jobs += choice_jobs(body, request, gen_length, limits)
+    return jobs
+
+
+def choice_jobs(
+    body: OpenAIFields, request: Request, gen_length: int | None, limits: LimitsConfig
+) -> list[DecodeJob]:
+    """The `n` jobs of one prompt. Choice i samples with seed + i (seed default 0, or the preset's
+    for a single choice), so the same seed gives the same choices; `stream` takes one choice."""
+    check_gen_length(gen_length, limits, "max_tokens")
+    if body.stream and body.n > 1:
+        raise bad_request("stream: streaming takes n = 1; send n requests instead", "n", "unsupported_value")
+    overrides = decode_overrides(body, gen_length=gen_length, temperature=body.temperature, top_p=body.top_p)
+    seeds = [None if body.seed is None and body.n == 1 else (body.seed or 0) + i for i in range(body.n)]
+    return [
+        DecodeJob(replace(request, seed=seed, stop=body.stop_sequences), body.preset, overrides)
+        for seed in seeds
+    ]
 
 
 def generate_job(
@@ -89,13 +124,14 @@ def generate_job(
     elif image:
         image = check_image(image, limits, "image")
     overrides = decode_overrides(body, gen_length=body.gen_length, temperature=body.temperature)
-    request = Request(body.id or request_id, prompt=body.prompt, image=image or None)
+    request = Request(body.id or request_id, prompt=body.prompt, image=image or None, seed=body.seed)
     return DecodeJob(request, body.preset, overrides)
 
 
 def decode_overrides(fields: DecodeFields, **extra: Any) -> dict[str, Any]:
-    """The decoding fields the caller set (None = keep the preset's)."""
-    given = fields.model_dump(include={"strategy", "steps", "block_length", "threshold", "cache", "seed"})
+    """The decoding fields the caller set (None = keep the preset's). The seed is not one of them:
+    it belongs to the request (`Request.seed`), so requests with different seeds share batches."""
+    given = fields.model_dump(include={"strategy", "steps", "block_length", "threshold", "cache", "top_k"})
     return {key: value for key, value in {**given, **extra}.items() if value is not None}
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from dimoe.data.chat import Message, encode_chat
 from dimoe.diffusion.decoding import (
+    filter_logits,
     final_state,
     llada_decode,
     num_transfer_tokens,
@@ -317,3 +318,85 @@ def test_strategies_ask_for_the_current_block_only():
         )
     )
     assert windows == [slice(3, 7)] * 2 + [slice(7, 11)] * 2
+
+
+def test_filter_logits_keeps_the_top_k_and_the_top_p_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda out: torch.isfinite(out)[0].tolist()  # noqa: E731
+    assert keep(filter_logits(logits, top_k=2)) == [True, True, False, False]
+    # 0.5 < 0.6: the nucleus needs the second token; 0.8 reaches 0.8: not the third.
+    assert keep(filter_logits(logits, top_p=0.6)) == [True, True, False, False]
+    assert keep(filter_logits(logits, top_p=0.8)) == [True, True, False, False]
+    assert keep(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+    assert keep(filter_logits(logits, top_p=0.1)) == [True, False, False, False]  # the top one always stays
+    assert keep(filter_logits(logits)) == [True] * 4
+
+
+def test_sampled_tokens_stay_within_top_k():
+    logits_fn, _ = toy_logits(scale=0.5)  # flat: sampling would otherwise spread over the vocabulary
+    allowed = (
+        logits_fn(torch.zeros(1, 8, dtype=torch.long), torch.tensor([0]), slice(0, 8)).topk(2).indices[0]
+    )
+    for seed in range(5):
+        state = final_state(
+            threshold_decode(
+                logits_fn,
+                no_prompt(1),
+                mask_id=MASK,
+                eos_id=EOS,
+                steps=8,
+                gen_length=8,
+                block_length=8,
+                threshold=2.0,
+                temperature=1.0,
+                top_k=2,
+                generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
+        )
+        assert all(int(t) in allowed[i].tolist() for i, t in enumerate(state.tokens[0]))
+
+
+def test_per_row_generators_make_a_rows_sample_independent_of_its_batch():
+    logits_fn, _ = toy_logits(scale=0.5)
+
+    def run(seeds: list[int]) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        decoder = threshold_decode(logits_fn, no_prompt(len(seeds)), mask_id=MASK, eos_id=EOS, steps=8,
+                                   gen_length=8, block_length=4, threshold=0.9, temperature=1.0,
+                                   generator=generators)  # fmt: skip
+        return final_state(decoder).tokens
+
+    # The toy logits add 0.37 × row index, so the seeded row comes first in both batches.
+    alone, together = run([11]), run([11, 12, 13])
+    assert torch.equal(together[0], alone[0]) and not torch.equal(together[1], together[2])
+
+
+def test_stop_ends_a_row_early_and_fills_it_with_eos():
+    logits_fn, _ = toy_logits()
+
+    def decode(stop=None):
+        decoder = threshold_decode(logits_fn, no_prompt(2), mask_id=MASK, eos_id=EOS, steps=16,
+                                   gen_length=16, block_length=4, threshold=0.9, stop=stop)  # fmt: skip
+        return final_state(decoder)
+
+    free = decode()
+    target = int(free.tokens[0, 2])
+
+    def stop(tokens: torch.Tensor) -> torch.Tensor:  # row 0 stops once position 2 holds its token
+        return (tokens[:, 2] == target) & torch.tensor([True, False])
+
+    stopped = decode(stop)
+    assert stopped.finished.all() and torch.equal(stopped.tokens[1], free.tokens[1])
+    assert stopped.nfe[0] < free.nfe[0] and (stopped.tokens[0, 4:] == EOS).all()
+
+
+def test_reveal_record_holds_each_tokens_probability_when_revealed():
+    logits_fn, _ = toy_logits()
+    decoder = threshold_decode(logits_fn, no_prompt(2), mask_id=MASK, eos_id=EOS, steps=8, gen_length=8,
+                               block_length=8, threshold=0.5, top_logprobs=2)  # fmt: skip
+    state = final_state(decoder)
+    logits = logits_fn(state.tokens, torch.arange(2), slice(0, 8))  # the toy logits do not depend on x
+    probs = F.softmax(logits.double(), dim=-1)
+    expected = probs.gather(-1, state.tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(state.reveals.probability, expected)
+    assert torch.equal(state.reveals.top_ids, probs.topk(2).indices)

@@ -124,7 +124,7 @@ def test_raw_sse_ends_with_done(http):
 BAD_INPUTS = {
     "malformed JSON": ("/v1/chat/completions", {"content": b'{"model": "x", '}, 400, "invalid_json"),
     "body not an object": ("/v1/chat/completions", {"json": [1, 2]}, 400, "invalid_body"),
-    "unknown field": ("/v1/chat/completions", {"json": chat_body("hi", logprobs=True)}, 400, "unknown_field"),
+    "unknown field": ("/v1/chat/completions", {"json": chat_body("hi", temprature=1)}, 400, "unknown_field"),
     "no messages": ("/v1/chat/completions", {"json": {"model": MODEL}}, 400, "missing_field"),
     "bad role": (
         "/v1/chat/completions",
@@ -228,7 +228,8 @@ def test_auth_required_except_health(http, server):
     body = chat_body("hi")
     assert http.post("/v1/chat/completions", json=body).status_code == 401
     wrong = http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "invalid_request_error"
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
     assert http.get("/v1/models").status_code == 401
     assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
     assert http.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL
@@ -298,3 +299,87 @@ def test_benchmark_reports_http_from_an_actor_and_grpc_in_process(server):
         assert level["latency_p50_s"] <= level["latency_p95_s"] <= level["latency_p99_s"]
     assert [level["concurrency"] for level in http_report["levels"]] == [1, 4]
     assert grpc_report["protocol"] == "grpc" and grpc_report["levels"][0]["requests"] == 4
+
+
+STORY = "Tell me a story about a red square."
+
+
+def test_openai_client_n_choices_sample_with_seed_plus_index(client, engine):
+    """n choices decode in one batch; choice i samples with seed + i, so the same seed gives the
+    same texts, each what the engine gives that request alone with that seed."""
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": STORY}], "max_tokens": 16,
+           "temperature": 1.0, "seed": 7, "extra_body": {"preset": "fast"}}  # fmt: skip
+    first = client.chat.completions.create(n=3, **ask)
+    again = client.chat.completions.create(n=3, **ask)
+    texts = [choice.message.content for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert texts == [choice.message.content for choice in again.choices]
+    expected = [
+        direct(engine, Request("x", prompt=STORY, seed=7 + i), temperature=1.0).output for i in range(3)
+    ]
+    assert texts == expected and len(set(texts)) > 1
+    assert first.usage.completion_tokens == sum(
+        len(direct(engine, Request("x", prompt=STORY, seed=7 + i), temperature=1.0).output_ids)
+        for i in range(3)
+    )
+
+
+def test_openai_client_stop_cuts_before_the_stop_string(client, engine):
+    greedy = direct(engine, Request("x", prompt=STORY)).output
+    assert len(greedy) >= 6, f"the fixture model's answer is too short to cut: {greedy!r}"
+    stop = greedy[3:6]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": STORY}], max_tokens=16, stop=[stop, "never there"],
+        extra_body={"preset": "fast"},
+    )  # fmt: skip
+    assert reply.choices[0].message.content == greedy[: greedy.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_openai_client_logprobs_are_the_reveal_probabilities(client, engine):
+    messages = [{"role": "user", "content": STORY}]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=16,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"preset": "fast"},
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens > 0
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        # Greedy decoding reveals the most likely token: its logprob is the step's top one.
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)
+        assert token.token == token.top_logprobs[0].token
+
+
+def test_openai_client_text_completions_continue_the_prompt_as_written(client, engine):
+    prompts = ["Once upon a time", "The answer is"]
+    reply = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=16, n=2, extra_body={"preset": "fast"}
+    )
+    assert reply.object == "text_completion" and len(reply.choices) == 4
+    for index, choice in enumerate(reply.choices):
+        expected = direct(
+            engine, Request("x", prompt=prompts[index // 2], chat_template=False, seed=index % 2)
+        )
+        assert choice.index == index and choice.text == expected.output
+
+
+def test_unsupported_fields_are_named_and_no_effect_fields_accepted(http):
+    refusals = {
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "logit_bias": {"5": 1.0},
+        "presence_penalty": 0.5,
+        "response_format": {"type": "json_object"},
+    }
+    for field, value in refusals.items():
+        refused = http.post("/v1/chat/completions", json=chat_body("hi", **{field: value}), headers=AUTH)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
+    fine = chat_body("hi", user="u1", metadata={"k": "v"}, frequency_penalty=0, store=False,
+                     response_format={"type": "text"}, stream_options=None)  # fmt: skip
+    assert http.post("/v1/chat/completions", json=fine, headers=AUTH).status_code == 200
+    echo = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": True}, headers=AUTH)
+    assert echo.status_code == 400 and echo.json()["error"]["param"] == "echo"

@@ -28,12 +28,12 @@ from dimoe.serving.jobs import (
     DecodeJob,
     DecodeOutcome,
     StreamEvent,
-    chat_job,
+    chat_jobs,
     fit_settings,
     generate_job,
 )
 from dimoe.serving.load import Sample, measure, summarize
-from dimoe.serving.responses import chat_sse
+from dimoe.serving.responses import chat_chunk, chat_chunks, stream_sse
 from dimoe.serving.schemas import ChatCompletionRequest, GenerateRequest
 from dimoe.serving.server import GRPC_SERVICER
 from tests.serve.support import data_url, direct, png_bytes
@@ -69,7 +69,7 @@ def test_chat_job_carries_the_image_bytes_and_the_overrides():
         {"type": "image_url", "image_url": {"url": data_url(image)}},
     ]
     body = chat(messages=[{"role": "user", "content": parts}], max_tokens=16, preset="fast", steps=4)
-    job = chat_job(body, LIMITS, "req-1")
+    (job,) = chat_jobs(body, LIMITS, "req-1")
     assert job.request.image == image and job.preset == "fast"
     assert job.overrides == {"gen_length": 16, "steps": 4}
     assert "base64" not in json.dumps(job.request.messages)  # the data URL is not shipped twice
@@ -88,18 +88,18 @@ def test_chat_job_carries_the_image_bytes_and_the_overrides():
 def test_chat_job_refuses_unusable_images(url, code):
     body = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
     with pytest.raises(RequestRejected) as refused:
-        chat_job(body, LIMITS, "r")
+        chat_jobs(body, LIMITS, "r")
     assert refused.value.error.code == code and refused.value.error.status == 400
 
 
 def test_chat_job_limits():
     two = [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}] * 2
     with pytest.raises(RequestRejected, match="at most one image"):
-        chat_job(chat(messages=[{"role": "user", "content": two}]), LIMITS, "r")
+        chat_jobs(chat(messages=[{"role": "user", "content": two}]), LIMITS, "r")
     with pytest.raises(RequestRejected, match="limit of 64"):
-        chat_job(chat(max_tokens=65), LIMITS, "r")
+        chat_jobs(chat(max_tokens=65), LIMITS, "r")
     with pytest.raises(RequestRejected, match="one of max_tokens"):
-        chat_job(chat(max_tokens=8, max_completion_tokens=8), LIMITS, "r")
+        chat_jobs(chat(max_tokens=8, max_completion_tokens=8), LIMITS, "r")
 
 
 def test_generate_job_accepts_raw_base64_or_bytes():
@@ -124,7 +124,7 @@ def test_validation_errors_name_the_field():
 def test_api_error_shapes_and_pickles():
     error = ApiError(503, "busy", code="overloaded")
     assert error.body() == {
-        "error": {"message": "busy", "type": "overloaded_error", "param": None, "code": "overloaded"}
+        "error": {"message": "busy", "type": "server_error", "param": None, "code": "overloaded"}
     }
     assert error.headers() == {"Retry-After": "1"} and error.kind == "overloaded"
     assert ApiError(401, "no").headers() == {"WWW-Authenticate": "Bearer"}
@@ -164,7 +164,8 @@ async def collect_sse(events, include_usage=True):
         for event in events:
             yield event
 
-    return [line async for line in chat_sse(source(), "c1", "m", 0, include_usage)]
+    opening = chat_chunk("c1", "m", 0, {"role": "assistant", "content": ""})
+    return [line async for line in stream_sse(source(), chat_chunks("c1", "m", 0), include_usage, opening)]
 
 
 def test_chat_sse_sends_role_blocks_finish_usage_and_done():
