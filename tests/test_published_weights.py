@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from ray import serve
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
@@ -134,6 +135,9 @@ def test_training_step_infer_and_serve_keep_the_published_format(published, trai
         f"{question}<|role_end|><role>ASSISTANT</role>"
     )
 
+    # Serve's ports are cluster-wide: an application left running by an earlier test module (the
+    # serving tests' package fixture lives to the end of the session) would keep its own.
+    serve.shutdown()
     http_port, grpc_port = free_ports(2)
     server = start_server_background(trained, http_port=http_port, grpc_port=grpc_port, model_name="ling")
     try:

@@ -21,8 +21,9 @@ SCHEMAS: dict[str, str] = {
     "serve": "dimoe.config.serve:ServeConfig",
     "tune": "dimoe.config.tune:TuneConfig",
     "vision_pretrain": "dimoe.config.train:VisionPretrainConfig",
+    "webdataset": "dimoe.config.data:WebDatasetConfig",
 }
-_BY_FILE = {"stage_blends.yaml": "blends", "normalize.yaml": "normalize"}
+_BY_FILE = {"stage_blends.yaml": "blends", "normalize.yaml": "normalize", "webdataset.yaml": "webdataset"}
 
 
 def schema_class(kind: str) -> type[BaseModel]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +95,32 @@ def start_server_background(
     try:
         serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port), grpc_options=grpc_options)
         serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
+        running = RunningServer(cfg, owns_ray)
+        wait_until_answering(f"{running.http_url}/healthz")
     except BaseException:
         if owns_ray:
             ray.shutdown()
         raise
-    return RunningServer(cfg, owns_ray)
+    return running
+
+
+def wait_until_answering(url: str, timeout_s: float = 60.0) -> None:
+    """Return once `url` answers 200. `serve.run` returns when the deployments are ready, but the
+    HTTP proxy, recreated when Serve restarts in the same Ray session, may not listen yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (a local URL we built)
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the application started but {url} did not answer within {timeout_s:.0f} s; if Serve "
+                "already ran in this Ray cluster, it kept its earlier ports (`serve shutdown` first)"
+            )
+        time.sleep(0.25)
 
 
 def start_server(checkpoint: str | Path | None = None, **kwargs: Any) -> None:
