@@ -272,7 +272,9 @@ def llada_decode(
             revealed = top_k_per_row(confidence, schedule[:, step])
             x[:, window] = torch.where(revealed, x0, current)
             columns = slice(window.start - prompt_length, window.stop - prompt_length)
-            reveals.update(rows, columns, revealed, probability_of(logits, x0), logits)
+            # Low-confidence remasking scores by p(x0) already: no second softmax over the vocabulary.
+            probability = score if remasking == "low_confidence" else probability_of(logits, x0)
+            reveals.update(rows, columns, revealed, probability, logits)
         yield DecodeState(
             tokens=x[:, prompt_length:].clone(),
             nfe=torch.full((batch,), (block + 1) * steps_per_block * forwards_per_step, device=x.device),
