@@ -90,6 +90,7 @@ def test_the_wheel_holds_the_configs_and_the_grpc_stubs(wheel):
     assert configs and {f"dimoe/{name}" for name in configs} <= names
     stubs = {f"dimoe/serving/proto/{name}" for name in ("dimoe.proto", "dimoe_pb2.py", "dimoe_pb2_grpc.py")}
     assert stubs <= names
+    assert "dimoe/eval/lm_eval_tasks/dimoe_gsm8k.yaml" in names  # lm-eval's --include_path
     assert "dimoe/serving/app.py" in names
     assert {name.split("/")[0] for name in names} == {"dimoe", wheel.name.split("-py3")[0] + ".dist-info"}
 
