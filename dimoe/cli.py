@@ -464,8 +464,8 @@ def infer_serve(
 @eval_app.command("run")
 @user_errors
 def eval_run(
-    checkpoint: Annotated[Path, typer.Option(help="HF-format checkpoint directory.")],
     out_dir: Annotated[Path, typer.Option(help="Output folder, e.g. artifacts/eval/mid.")],
+    checkpoint: Annotated[Path | None, typer.Option(help="HF-format checkpoint directory.")] = None,
     config: Annotated[Path, typer.Option(help="Eval config.")] = Path("configs/eval/default.yaml"),
     suite: Annotated[str, typer.Option(help="Suite name from the config, or one task name.")] = "demo",
     preset: Preset = "mid",
@@ -483,22 +483,36 @@ def eval_run(
     num_actors: Annotated[int, typer.Option(help="Decoding actors (one per GPU on a cluster).")] = 1,
     num_gpus: Annotated[float, typer.Option(help="GPUs per decoding actor.")] = 0.0,
     batch_size: int = 16,
+    serve_url: Annotated[
+        str | None, typer.Option(help="Evaluate the model served here instead of a checkpoint.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="With --serve-url: requests in flight.")] = 16,
+    api_key: Annotated[
+        str | None, typer.Option(help="With --serve-url: bearer token (default: DIMOE_API_KEY).")
+    ] = None,
     set_: SetOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Run every task of a suite with the batched decoder, distributed over Ray; resumable."""
+    """Run every task of a suite with the batched decoder, distributed over Ray, or through a
+    served model (--serve-url); resumable."""
     from dimoe.config.eval import EvalConfig
     from dimoe.config.infer import InferConfig
     from dimoe.config.loader import load_config
+    from dimoe.eval.endpoint import Endpoint
     from dimoe.eval.runner import run_eval
+    from dimoe.serving.http import resolve_api_key
 
     cfg = load_config(config, EvalConfig, set_ or [])
     presets = load_config(infer_config, InferConfig) if infer_config is not None else None
-    _connect_ray(address)
+    endpoint = None
+    if serve_url is not None:
+        endpoint = Endpoint(serve_url, resolve_api_key(api_key), concurrency)
+    else:
+        _connect_ray(address)
     scores = run_eval(
         cfg, suite, preset, checkpoint, out_dir, strategy=strategy,
         overrides={"threshold": threshold, "gen_length": gen_length, "cache": cache}, infer_config=presets,
-        num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size, progress=True,
+        num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size, endpoint=endpoint, progress=True,
     )  # fmt: skip
     print_json(scores)
 

@@ -12,7 +12,8 @@ written as soon as its last row arrives, so an interrupted run keeps its finishe
 
 Layout of `out_dir`:
 
-    scores.json                  the run (model, checkpoint, preset, strategy, settings, active params)
+    scores.json                  the run (model, checkpoint — or serve_url, the server evaluated —,
+                                 preset, strategy, settings, active params)
                                  and per task: score, n, mean NFE, latency, tokens/s, NFE × active
                                  params (billions), the task's gen_length and steps, or
                                  `status: skipped` with the reason
@@ -22,6 +23,9 @@ Layout of `out_dir`:
 
 Images are read by the actors from the paths in the task rows, so on a cluster `data_root` must be
 on storage every node sees.
+
+With an `Endpoint` (`dimoe eval run --serve-url`) the same prompts go to a running server instead of
+the actor pool (dimoe/eval/endpoint.py); everything else, files included, is the same.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 from dimoe.config.eval import EvalConfig, TaskData
 from dimoe.config.infer import DecodeSettings, InferConfig
 from dimoe.errors import UserError
+from dimoe.eval.endpoint import Endpoint
 from dimoe.eval.scoring import score_predictions, write_scores
 from dimoe.eval.tasks import Row, Task, get_task, read_records
 from dimoe.io import read_json, write_json, write_jsonl
@@ -245,10 +250,13 @@ def model_label(checkpoint: Path) -> str:
     return "/".join(checkpoint.resolve().parts[-2:])
 
 
-def _identity(prepared: PreparedTask, config: EvalConfig, checkpoint: Path, settings: DecodeSettings) -> dict:
-    """What makes a task's results reusable: the same checkpoint, decoding settings and data."""
+def _identity(
+    prepared: PreparedTask, config: EvalConfig, source: dict[str, str], settings: DecodeSettings
+) -> dict:
+    """What makes a task's results reusable: the same model (`source`: the checkpoint, or the
+    server and the model it serves), decoding settings and data."""
     return {
-        "checkpoint": str(checkpoint.resolve()),
+        **source,
         "settings": settings.model_dump(),
         "data": str(prepared.data_path.resolve()),
         "max_samples": config.tasks[prepared.name].max_samples,
@@ -360,7 +368,7 @@ class _EvalPlan:
 
 
 def _plan_tasks(
-    config: EvalConfig, suite: str, decoding: tuple[InferConfig, str, dict[str, Any]], checkpoint: Path,
+    config: EvalConfig, suite: str, decoding: tuple[InferConfig, str, dict[str, Any]], source: dict[str, str],
     out_dir: Path,
 ) -> _EvalPlan:  # fmt: skip
     """Prepare each task of the suite; a task whose data is missing is skipped (an error in a strict
@@ -377,7 +385,7 @@ def _plan_tasks(
             plan.entries[name] = {"status": "skipped", "reason": str(exc)}
             continue
         plan.settings[name] = _task_settings(infer_config, preset, config.tasks[name], run_overrides)
-        plan.identities[name] = _identity(prepared, config, checkpoint, plan.settings[name])
+        plan.identities[name] = _identity(prepared, config, source, plan.settings[name])
         stored = _reusable(out_dir / name, plan.identities[name])
         if stored is not None:
             plan.entries[name] = stored
@@ -387,11 +395,26 @@ def _plan_tasks(
     return plan
 
 
+def _model_source(
+    checkpoint: str | Path | None, endpoint: Endpoint | None
+) -> tuple[dict[str, str], str, float]:
+    """What is evaluated: its identity fields, its label for tables and its active parameters
+    (billions), read from the checkpoint or from the server's /healthz."""
+    if (checkpoint is None) == (endpoint is None):
+        raise UserError("give either a checkpoint or a served model (--serve-url), not both or neither")
+    if endpoint is not None:
+        info = endpoint.info()
+        return {"serve_url": endpoint.url, "model": info["model"]}, info["model"], info["active_params_b"]
+    checkpoint = Path(checkpoint)
+    active_b = active_params_b(checkpoint)
+    return {"checkpoint": str(checkpoint.resolve())}, model_label(checkpoint), active_b
+
+
 def run_eval(
     config: EvalConfig,
     suite: str,
     preset: str,
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     out_dir: str | Path,
     *,
     strategy: str | None = None,
@@ -400,28 +423,33 @@ def run_eval(
     batch_size: int = 16,
     num_gpus: float = 0.0,
     infer_config: InferConfig | None = None,
+    endpoint: Endpoint | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """`dimoe eval run`: evaluate `checkpoint` on a suite (or one task) with a decoding preset.
+    """`dimoe eval run`: evaluate `checkpoint`, or the model served at `endpoint`, on a suite (or
+    one task) with a decoding preset.
 
     Each task decodes with the preset fitted to its own `gen_length` (eval config), then
     strategy / overrides: decoding fields over both (None values ignored); infer_config: where
-    the presets come from (default: configs/infer/default.yaml's values). num_actors decoding actors,
-    each with `num_gpus` GPUs (0: CPU), decode batches of `batch_size` prompts. Tasks already complete
-    in `out_dir` are reused; `progress` shows a progress bar over examples (for the CLI). Returns the
-    content of scores.json plus `out_dir` and the task names `evaluated`, `reused` and `skipped`."""
+    the presets come from (default: configs/infer/default.yaml's values). A checkpoint decodes on
+    num_actors Ray Data actors, each with `num_gpus` GPUs (0: CPU), in batches of `batch_size`
+    prompts; an endpoint receives every settings field with each prompt (dimoe.eval.endpoint), so
+    both give the same outputs. Tasks already complete in `out_dir` are reused; `progress` shows a
+    progress bar over examples (for the CLI). Returns the content of scores.json plus `out_dir` and
+    the task names `evaluated`, `reused` and `skipped`."""
     if num_actors < 1 or batch_size < 1:
         raise UserError(f"num_actors and batch_size must be >= 1, got {num_actors} and {batch_size}")
     infer_config = infer_config or InferConfig()
     run_overrides = {**(overrides or {}), "strategy": strategy}
     settings = infer_config.resolve(preset, run_overrides)
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    active_b = active_params_b(checkpoint)
-    plan = _plan_tasks(config, suite, (infer_config, preset, run_overrides), checkpoint, out_dir)
+    source, label, active_b = _model_source(checkpoint, endpoint)
+    out_dir = Path(out_dir)
+    plan = _plan_tasks(config, suite, (infer_config, preset, run_overrides), source, out_dir)
     names = suite_tasks(config, suite)[0]
     run = {
-        "suite": suite, "model": model_label(checkpoint), "checkpoint": str(checkpoint), "preset": preset,
-        "strategy": settings.strategy, "settings": settings.model_dump(), "active_params_b": active_b,
+        "suite": suite, **source, "model": label, "checkpoint": str(checkpoint or endpoint.url),
+        "preset": preset, "strategy": settings.strategy, "settings": settings.model_dump(),
+        "active_params_b": active_b,
     }  # fmt: skip
 
     def write_scores_file() -> dict[str, Any]:
@@ -431,9 +459,12 @@ def run_eval(
 
     scores = write_scores_file()
     if plan.pending:
-        decoded = _decode(
-            plan.pending, str(checkpoint), plan.settings, num_actors, batch_size, num_gpus, progress
-        )
+        if endpoint is not None:
+            decoded = endpoint.decode(plan.pending, plan.settings)
+        else:
+            decoded = _decode(
+                plan.pending, str(checkpoint), plan.settings, num_actors, batch_size, num_gpus, progress
+            )
         for prepared, outputs in decoded:
             name = prepared.name
             plan.entries[name] = _finish_task(

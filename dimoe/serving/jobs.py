@@ -123,7 +123,9 @@ def generate_job(
         image = decode_base64_image(body.image, limits)
     elif image:
         image = check_image(image, limits, "image")
-    overrides = decode_overrides(body, gen_length=body.gen_length, temperature=body.temperature)
+    overrides = decode_overrides(
+        body, **body.model_dump(include={"gen_length", "temperature", "top_p", "remasking", "cfg_scale"})
+    )
     request = Request(body.id or request_id, prompt=body.prompt, image=image or None, seed=body.seed)
     return DecodeJob(request, body.preset, overrides)
 

@@ -13,7 +13,7 @@ plus the DiMoE extension fields of `DecodeFields`; an OpenAI client sends the ex
   a `response_format` with a schema, a non-empty `logit_bias`, non-zero penalties, `echo`,
   `suffix`, `best_of` > 1.
 
-`POST /v1/generate` is the native form: a prompt, an optional base64 image and the decoding fields.
+`POST /v1/generate` is the native form: a prompt, an optional base64 image and every decoding field.
 """
 
 from __future__ import annotations
@@ -168,3 +168,7 @@ class GenerateRequest(DecodeFields):
     image: str | None = None  # base64 of an encoded image, or a data:image/...;base64, URL
     gen_length: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0.0)
+    # The rest of DecodeSettings, so that a client (`dimoe eval run --serve-url`) can fix every knob.
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    remasking: str | None = None
+    cfg_scale: float | None = Field(None, ge=0.0)

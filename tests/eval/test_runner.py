@@ -6,51 +6,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
 from dimoe.cli import app
 from dimoe.config.eval import EvalConfig
-from dimoe.config.infer import InferConfig
 from dimoe.eval.runner import MissingTaskData, run_eval, score_file
-from tests.eval.rows import vqa_row
+from tests.eval.rows import TINY_PRESETS, mini_eval_config
 
-INFER = InferConfig.model_validate(
-    {
-        "presets": {
-            "fast": {"steps": 2, "gen_length": 8, "block_length": 8},
-            "best": {"steps": 4, "gen_length": 8, "block_length": 8},
-        },
-        "default_preset": "fast",
-    }
-)
+INFER = TINY_PRESETS
 
 
 @pytest.fixture
 def eval_config(tmp_path: Path) -> EvalConfig:
-    data = tmp_path / "DATA"
-    (data / "images").mkdir(parents=True)
-    for index, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
-        Image.new("RGB", (32, 32), colour).save(data / f"images/{index}.png")
-    rows = [
-        vqa_row("c0", "images/0.png", "What colour is the shape?", "red", "colour"),
-        vqa_row("c1", "images/1.png", "What colour is the shape?", "blue", "colour"),
-        vqa_row("c2", "images/0.png", "What colour is it?", "red", "colour"),
-        vqa_row("s0", "images/1.png", "What shape is it?", "square", "shape"),
-    ]
-    (data / "eval").mkdir()
-    (data / "eval/vqa_test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return EvalConfig.model_validate(
-        {
-            "data_root": str(data),
-            "suites": {"mini": ["demo_vqa_colour", "demo_vqa_shape", "gqa"]},
-            "tasks": {
-                "demo_vqa_colour": {"path": "eval/vqa_test.jsonl"},
-                "demo_vqa_shape": {"path": "eval/vqa_test.jsonl"},
-                "gqa": {"path": "benchmarks/gqa/testdev.json"},
-            },
-        }
-    )
+    return mini_eval_config(tmp_path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
