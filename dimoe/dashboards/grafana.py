@@ -24,8 +24,14 @@ DASHBOARD_UID = "dimoe-vl"
 DEFAULT_DASHBOARD_PATH = Path("cluster/grafana/dimoe.json")
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-# Training gauges are filtered by the dashboard's `stage` and `layer` variables.
-LAYER_SELECTOR = '{stage=~"$stage", layer=~"$layer"}'
+# Every series is filtered by the `cluster` variable: `ray_io_cluster` is the label KubeRay's pods
+# carry (cluster/prometheus/podmonitor.yaml copies it onto the series; prometheus.yml sets it
+# outside Kubernetes), so concurrent clusters, e.g. one per RayJob, never merge. Series without
+# the label still match "All" (`.*` matches the empty value).
+CLUSTER_MATCHER = 'ray_io_cluster=~"$cluster"'
+# Training gauges are also filtered by the dashboard's `stage` and `layer` variables.
+STAGE_MATCHER = 'stage=~"$stage"'
+LAYER_MATCHER = f'{STAGE_MATCHER}, layer=~"$layer"'
 MIDPOINT_NOTE = (
     " Ray records histogram sums at bucket midpoints, so the mean is approximate; the quantiles "
     "interpolate within buckets."
@@ -123,14 +129,15 @@ def _target(expr: str, legend: str, index: int) -> dict[str, Any]:
 
 
 # -- PromQL from catalogue entries ----------------------------------------------------------------
-def _series(metric: Metric, suffix: str = "") -> str:
-    """The exported series of a catalogue metric; fails for a metric outside the catalogue or a
-    suffix its kind does not export."""
+def _series(metric: Metric, suffix: str = "", matchers: str = "") -> str:
+    """The exported series of a catalogue metric, selected by the `cluster` variable and
+    `matchers`; fails for a metric outside the catalogue or a suffix its kind does not export."""
     if METRICS.get(metric.name) is not metric:
         raise ValueError(f"{metric.name!r} is not in the metrics catalogue (dimoe/telemetry/catalogue.py)")
     if suffix not in KIND_SUFFIXES[metric.kind]:
         raise ValueError(f"{metric.name} is a {metric.kind}: no {suffix or 'bare'} series")
-    return catalogue.PROMETHEUS_PREFIX + metric.name + suffix
+    selector = ", ".join(filter(None, (CLUSTER_MATCHER, matchers)))
+    return catalogue.PROMETHEUS_PREFIX + metric.name + suffix + "{" + selector + "}"
 
 
 def _rate(series: str) -> str:
@@ -164,20 +171,20 @@ def _routing_panels(b: _Builder) -> None:
     b.row("Training: routing (rank 0, every log_every steps)")
     b.timeseries(
         "Routing non-stationarity",
-        [(_series(catalogue.ROUTING_NONSTATIONARITY) + LAYER_SELECTOR, by_layer)],
+        [(_series(catalogue.ROUTING_NONSTATIONARITY, matchers=LAYER_MATCHER), by_layer)],
         description="Mean Jensen–Shannon divergence (bits, 0–1) of each t-bucket's expert-load "
         "distribution from the layer's all-bucket mean (problem A): how much routing depends on t.",
         min_value=0,
     )
     b.timeseries(
         "Router entropy",
-        [(_series(catalogue.ROUTER_ENTROPY) + LAYER_SELECTOR, by_layer)],
+        [(_series(catalogue.ROUTER_ENTROPY, matchers=LAYER_MATCHER), by_layer)],
         description="Mean entropy (nats) of the router distribution over visible tokens.",
         min_value=0,
     )
     b.timeseries(
         "View consistency (top-k overlap)",
-        [(_series(catalogue.VIEW_CONSISTENCY) + LAYER_SELECTOR, by_layer)],
+        [(_series(catalogue.VIEW_CONSISTENCY, matchers=LAYER_MATCHER), by_layer)],
         description="Mean Jaccard overlap of a visible token's top-k experts in the two views "
         "(problem B; 1 = same experts). Absent for one-view stages.",
         unit="percentunit",
@@ -186,13 +193,13 @@ def _routing_panels(b: _Builder) -> None:
     )
     b.timeseries(
         "Loss terms",
-        [(_series(catalogue.TRAIN_LOSS) + '{stage=~"$stage"}', "{{stage}} {{term}}")],
+        [(_series(catalogue.TRAIN_LOSS, matchers=STAGE_MATCHER), "{{stage}} {{term}}")],
         description="Weighted loss terms of rank 0's last micro-batch (loss, loss_diffusion, "
         "loss_bal, loss_z, loss_prior, loss_cons, loss_cap).",
     )
     b.timeseries(
         "Expert load · layer $layer",
-        [(_series(catalogue.EXPERT_LOAD) + LAYER_SELECTOR, "{{stage}} expert {{expert}}")],
+        [(_series(catalogue.EXPERT_LOAD, matchers=LAYER_MATCHER), "{{stage}} expert {{expert}}")],
         description="Fraction of top-k assignments of visible tokens per expert (token-weighted over "
         "t-buckets). 1/num_experts everywhere is perfect balance.",
         unit="percentunit",
@@ -270,6 +277,8 @@ def _decoder_panels(b: _Builder) -> None:
 
 # -- variables and the dashboard ------------------------------------------------------------------
 def _query_variable(name: str, label: str, query: str) -> dict[str, Any]:
+    """A multi-value variable from a label's values; "All" (the default) matches every series,
+    those without the label included."""
     return {
         "name": name,
         "label": label,
@@ -283,15 +292,16 @@ def _query_variable(name: str, label: str, query: str) -> dict[str, Any]:
         "multi": True,
         "includeAll": True,
         "allValue": ".*",
-        "current": {},
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
         "options": [],
         "hide": 0,
     }
 
 
 def _variables() -> list[dict[str, Any]]:
-    """The Prometheus datasource, then the stages and layers the expert-load gauge has reported."""
-    load = _series(catalogue.EXPERT_LOAD)
+    """The Prometheus datasource, the clusters any series reports, then the stages and layers the
+    expert-load gauge has reported in the selected clusters."""
+    load, staged_load = _series(catalogue.EXPERT_LOAD), _series(catalogue.EXPERT_LOAD, matchers=STAGE_MATCHER)
     datasource = {
         "name": "datasource",
         "label": "Prometheus",
@@ -306,14 +316,15 @@ def _variables() -> list[dict[str, Any]]:
     }
     return [
         datasource,
+        _query_variable("cluster", "Ray cluster", "label_values(ray_io_cluster)"),
         _query_variable("stage", "Stage", f"label_values({load}, stage)"),
-        _query_variable("layer", "Layer", f'label_values({load}{{stage=~"$stage"}}, layer)'),
+        _query_variable("layer", "Layer", f"label_values({staged_load}, layer)"),
     ]
 
 
 def build_dashboard() -> dict[str, Any]:
-    """The dashboard as Grafana JSON (schema 39): a Prometheus datasource variable, `stage` and
-    `layer` variables, a training row (routing gauges, loss terms) and a serving row."""
+    """The dashboard as Grafana JSON (schema 39): a Prometheus datasource variable, `cluster`,
+    `stage` and `layer` variables, a training row (routing gauges, loss terms) and a serving row."""
     b = _Builder()
     _routing_panels(b)
     _traffic_panels(b)

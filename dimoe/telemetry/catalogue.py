@@ -55,6 +55,8 @@ class Metric:
             raise ValueError(f"{self.name}: histograms, and only histograms, need boundaries")
         if list(self.boundaries) != sorted(set(self.boundaries)) or any(b <= 0 for b in self.boundaries):
             raise ValueError(f"{self.name}: boundaries must be positive and strictly increasing")
+        if self.unit == "seconds" and not self.name.endswith("_seconds"):
+            raise ValueError(f"{self.name}: Prometheus names a duration in seconds `..._seconds`")
         if self.serve and set(self.tag_keys) & set(SERVE_TAGS):
             raise ValueError(f"{self.name}: {', '.join(SERVE_TAGS)} are reserved by Ray Serve")
 
@@ -154,7 +156,7 @@ DECODER_REJECTED = Metric(
     serve=True,
 )
 DECODE_LATENCY = Metric(
-    "dimoe_serve_decode_latency_s",
+    "dimoe_serve_decode_latency_seconds",
     "histogram",
     "seconds",
     "Seconds from the start of a request's batch to its last block",
@@ -163,7 +165,7 @@ DECODE_LATENCY = Metric(
     serve=True,
 )
 QUEUE_WAIT = Metric(
-    "dimoe_serve_queue_wait_s",
+    "dimoe_serve_queue_wait_seconds",
     "histogram",
     "seconds",
     "Seconds a request waited in the decoder before its batch started",

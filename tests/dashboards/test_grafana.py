@@ -17,8 +17,20 @@ from dimoe.telemetry.catalogue import KIND_SUFFIXES, METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "cluster" / "grafana" / "dimoe.json"
-# Labels Ray puts on every exported series, and the histogram bucket bound.
-RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "JobId", "le"}
+# Labels Ray puts on every exported series, the histogram bucket bound, and the cluster label the
+# scrape configs of cluster/prometheus/ add.
+RAY_LABELS = {
+    "Component",
+    "NodeAddress",
+    "SessionName",
+    "Version",
+    "WorkerId",
+    "JobId",
+    "le",
+    "ray_io_cluster",
+}
+CLUSTER_MATCHER = 'ray_io_cluster=~"$cluster"'
+
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
 
 
@@ -61,6 +73,9 @@ def all_queries(dashboard: dict) -> list[str]:
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]["query"]
+            if variable["name"] == "cluster":  # the values of a label over all series: no metric
+                assert query == "label_values(ray_io_cluster)"
+                continue
             inner = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query)
             assert inner, query
             exprs.append(inner.group(1))
@@ -86,13 +101,15 @@ def test_dashboard_is_well_formed():
     assert dashboard["uid"] == DASHBOARD_UID == "dimoe-vl"
     assert dashboard["id"] is None and 36 <= dashboard["schemaVersion"] <= 41
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert set(variables) == {"datasource", "stage", "layer"}
+    assert list(variables) == ["datasource", "cluster", "stage", "layer"]  # the order Grafana shows
     assert (
         variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     )
-    for name in ("stage", "layer"):
+    for name in ("cluster", "stage", "layer"):
         assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert variables[name]["multi"] and variables[name]["includeAll"]
+        # "All" by default, as `.*`: it also matches series without the label (no relabeling).
+        assert variables[name]["allValue"] == ".*" and variables[name]["current"]["value"] == ["$__all"]
 
     panels = dashboard["panels"]
     ids = [p["id"] for p in panels]
@@ -123,7 +140,7 @@ def test_dashboard_is_well_formed():
         assert topic in titles, topic
     latency = next(p for p in panels if p["title"] == "Decode latency")
     assert [t["legendFormat"] for t in latency["targets"]] == ["p50", "p95", "p99"]
-    assert all("histogram_quantile" in t["expr"] and "_bucket[" in t["expr"] for t in latency["targets"])
+    assert all("histogram_quantile" in t["expr"] and "_bucket{" in t["expr"] for t in latency["targets"])
     assert json.loads(json.dumps(dashboard)) == dashboard  # plain JSON, no tuples or paths
 
 
@@ -142,6 +159,17 @@ def test_every_query_uses_only_catalogue_metrics_and_labels():
         assert grouping <= allowed, f"{expr!r}: grouping by unknown labels {grouping - allowed}"
     # Every catalogue metric has a panel: a new metric without one fails here.
     assert used == set(METRICS)
+
+
+def test_every_series_of_every_panel_is_filtered_by_the_cluster_variable():
+    """Concurrent clusters (one per RayJob) must not merge: each selector of each panel query, and
+    of the stage and layer variables, matches `ray_io_cluster` against `$cluster`."""
+    dashboard = build_dashboard()
+    for expr in all_queries(dashboard):
+        metrics, _ = promql_references(expr)
+        for series, labels in metrics.items():
+            assert "ray_io_cluster" in labels, f"{series} in {expr!r} is not filtered by cluster"
+        assert expr.count(CLUSTER_MATCHER) == len(re.findall(r"\bray_\w+\{", expr)), expr
 
 
 def test_committed_dashboard_is_the_built_one(tmp_path):

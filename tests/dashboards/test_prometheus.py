@@ -1,15 +1,18 @@
-"""The training gauges reach a real Prometheus: a tiny training run on its own local Ray cluster
-(fixed metrics export port), scraped every second by a `prometheus` server started here.
+"""The training gauges reach a real Prometheus run with the shipped cluster/prometheus/prometheus.yml:
+a tiny training run on its own local Ray cluster (with its dashboard, which writes the service-
+discovery file), scraped through that file every second, and the Grafana dashboard's queries
+answer for the cluster label the config sets.
 
-Own cluster, in a subprocess: the session `ray_cluster` fixture has no fixed metrics port, and a
-driver process can only `ray.init` once. Both subprocesses run in sessions of their own and every
-process of those sessions is stopped by pid at the end."""
+Own cluster, in a subprocess: the session `ray_cluster` fixture has no dashboard, and a driver
+process can only `ray.init` once. Both subprocesses run in sessions of their own and every process
+of those sessions is stopped by pid at the end."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.parse
@@ -18,15 +21,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dimoe.config.loader import load_config
 from dimoe.config.model import ModelConfig
+from dimoe.dashboards.grafana import build_dashboard
 from dimoe.io import free_ports
 from dimoe.telemetry.catalogue import TRAINING_METRICS
 from tests.processes import stop_session
 from tests.train.blends import write_blends
 
 ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_CONFIG = ROOT / "cluster/prometheus/prometheus.yml"
+DISCOVERY_FILE = "prom_metrics_service_discovery.json"
+CLUSTER_LABEL = "dimoe"  # the ray_io_cluster the shipped config gives its targets
 PROMETHEUS = shutil.which("prometheus")
 STAGE = "stage0_naive"
 TRAIN_TIMEOUT_S = 900  # Ray + TorchTrainer + DeepSpeed start-up dominates; slow on a busy 2-core box
@@ -50,13 +58,15 @@ TRAIN_SCRIPT = textwrap.dedent(
     from dimoe.config.train import TrainConfig
     from dimoe.train.launcher import run_stage
 
-    port, overrides = int(sys.argv[1]), sys.argv[2:]
-    # address="local": a new cluster even if another one runs on this machine.
+    temp_dir, dashboard_port, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    # address="local": a new cluster even if another one runs on this machine. The dashboard
+    # writes TEMP_DIR/prom_metrics_service_discovery.json, which Prometheus reads.
     ray.init(
         address="local",
         num_cpus=2,
-        include_dashboard=False,
-        _metrics_export_port=port,
+        include_dashboard=True,
+        dashboard_port=dashboard_port,
+        _temp_dir=temp_dir,
         object_store_memory=256 * 2**20,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -98,7 +108,9 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def train_command(tmp_path: Path, tokenizer, spec: ModelConfig, metrics_port: int) -> list[str]:
+def train_command(
+    tmp_path: Path, tokenizer, spec: ModelConfig, ray_dir: Path, dashboard_port: int
+) -> list[str]:
     """A 4-step two-view stage0 run on tiny blends, logging (and publishing gauges) every step."""
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     write_blends(tmp_path / "data", tokenizer, spec.vision.num_image_tokens)
@@ -116,19 +128,20 @@ def train_command(tmp_path: Path, tokenizer, spec: ModelConfig, metrics_port: in
         "checkpoint.every_steps=100",
     ]
     (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
-    return [sys.executable, str(tmp_path / "train.py"), str(metrics_port), *overrides]
+    return [sys.executable, str(tmp_path / "train.py"), str(ray_dir), str(dashboard_port), *overrides]
 
 
-def prometheus_command(tmp_path: Path, metrics_port: int, prometheus_port: int) -> list[str]:
-    """A Prometheus scraping Ray's metrics export port every second."""
+def prometheus_command(tmp_path: Path, ray_dir: Path, prometheus_port: int) -> list[str]:
+    """A Prometheus with the shipped config, its discovery file the one of this test's Ray
+    (`ray_dir`) and its timings shortened to a second, so a 4-step run is seen."""
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    (job,) = config["scrape_configs"]
+    (discovery,) = job["file_sd_configs"]
+    assert discovery["files"] == [f"/tmp/ray/{DISCOVERY_FILE}"], "the file Ray writes by default"
+    discovery.update(files=[str(ray_dir / DISCOVERY_FILE)], refresh_interval="1s")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: ray\n"
-        "    scrape_interval: 1s\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
-    )
     return [
         PROMETHEUS,
         f"--config.file={config}",
@@ -197,30 +210,55 @@ def check_scraped_values(prom_url: str, found: dict[str, list[dict]], spec: Mode
     assert set(js) == layers and all(0.0 <= v <= 1.0 for v in js.values()), js
 
 
+def check_dashboard_query(prom_url: str, spec: ModelConfig) -> None:
+    """The dashboard's expert-load query, its variables set as Grafana would, finds every layer's
+    experts in this cluster and nothing in another one."""
+    panel = next(p for p in build_dashboard()["panels"] if p["title"].startswith("Expert load"))
+    expr = panel["targets"][0]["expr"].replace("$stage", STAGE).replace("$layer", ".*")
+
+    def count(cluster: str) -> int:
+        query = f"last_over_time({expr.replace('$cluster', cluster)}[10m])"
+        return len(prometheus_get(prom_url, "/api/v1/query", query=query)["data"]["result"])
+
+    assert count(CLUSTER_LABEL) == spec.num_hidden_layers * spec.num_experts
+    assert count("another-cluster") == 0
+
+
 def test_training_gauges_are_scraped_by_prometheus(tokenizer, tmp_path):
     spec = load_config(ROOT / "configs/model/tiny.yaml", ModelConfig)
-    metrics_port, prometheus_port = free_ports(2)
+    dashboard_port, prometheus_port = free_ports(2)
     prom_url = f"http://127.0.0.1:{prometheus_port}"
-    train_cmd = train_command(tmp_path, tokenizer, spec, metrics_port)
-    prometheus_cmd = prometheus_command(tmp_path, metrics_port, prometheus_port)
+    # Short: Ray's socket paths under it must stay within the OS limit of about 107 characters.
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    train_cmd = train_command(tmp_path, tokenizer, spec, ray_dir, dashboard_port)
+    prometheus_cmd = prometheus_command(tmp_path, ray_dir, prometheus_port)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_metrics_report_interval_ms"] = "1000"  # workers push gauges every second (default 10 s)
     prom_log, train_log = tmp_path / "prometheus.log", tmp_path / "train.log"
     # Every training metric of the catalogue, with the tags it is declared with.
     wanted = {metric.series[0]: set(metric.tag_keys) for metric in TRAINING_METRICS}
 
-    with own_session(prometheus_cmd, prom_log, cwd=tmp_path) as prometheus:
-        wait_ready(prom_url, prometheus, prom_log)
-        with own_session(train_cmd, train_log, cwd=ROOT, env=env) as training:
-            found = collect_series(prom_url, training, train_log, wanted)
-        targets = prometheus_get(prom_url, "/api/v1/targets")["data"]["activeTargets"]
-        missing = sorted(wanted.keys() - found.keys())
-        assert not missing, (
-            f"no series for {missing} in Prometheus; scrape targets: "
-            f"{[(t['scrapeUrl'], t['health'], t.get('lastError')) for t in targets]}\n"
-            f"training log:\n{tail(train_log)}"
-        )
-        for metric, labels in wanted.items():
-            for entry in found[metric]:
-                assert entry["stage"] == STAGE and labels <= entry.keys(), (metric, entry)
-        check_scraped_values(prom_url, found, spec)
+    try:
+        with own_session(prometheus_cmd, prom_log, cwd=tmp_path) as prometheus:
+            wait_ready(prom_url, prometheus, prom_log)
+            with own_session(train_cmd, train_log, cwd=ROOT, env=env) as training:
+                found = collect_series(prom_url, training, train_log, wanted)
+            targets = prometheus_get(prom_url, "/api/v1/targets")["data"]["activeTargets"]
+            missing = sorted(wanted.keys() - found.keys())
+            assert not missing, (
+                f"no series for {missing} in Prometheus; scrape targets: "
+                f"{[(t['scrapeUrl'], t['health'], t.get('lastError')) for t in targets]}\n"
+                f"training log:\n{tail(train_log)}"
+            )
+            # The targets came from Ray's discovery file, and carry the config's cluster label.
+            assert targets and {t["discoveredLabels"].get("__meta_filepath") for t in targets} == {
+                str(ray_dir / DISCOVERY_FILE)
+            }
+            for metric, labels in wanted.items():
+                for entry in found[metric]:
+                    assert entry["stage"] == STAGE and labels <= entry.keys(), (metric, entry)
+                    assert entry["ray_io_cluster"] == CLUSTER_LABEL, (metric, entry)
+            check_scraped_values(prom_url, found, spec)
+            check_dashboard_query(prom_url, spec)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)

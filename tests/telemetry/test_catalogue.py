@@ -121,11 +121,18 @@ def test_exported_series_and_tags() -> None:
         {"kind": "histogram", "boundaries": (0.0, 1.0)},
         {"kind": "summary"},
         {"kind": "counter", "tag_keys": ("replica",), "serve": True},
+        {"kind": "gauge", "name": "dimoe_wait_s", "unit": "seconds"},  # Prometheus: `_seconds`
     ],
 )
 def test_malformed_entries_are_refused(fields: dict) -> None:
     with pytest.raises(ValueError):
         Metric(**{"name": "dimoe_x", "unit": "1", "description": "x", **fields})
+
+
+def test_durations_are_named_in_seconds() -> None:
+    durations = [metric for metric in METRICS.values() if metric.unit == "seconds"]
+    assert durations and all(metric.name.endswith("_seconds") for metric in durations)
+    assert Metric("dimoe_wait_seconds", "gauge", "seconds", "x").name == "dimoe_wait_seconds"
 
 
 def test_catalogue_and_dashboard_need_no_ray() -> None:
