@@ -265,6 +265,16 @@ class StreamChunk:
     result: Result | None = None
 
 
+def partial_stop_length(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of `text` that begins one of `stops` without completing it:
+    what a stream holds back until the next block tells whether the stop string follows (as
+    OpenAI-compatible servers do, so that streamed text is always a prefix of the final text)."""
+    return max(
+        (k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])),
+        default=0,
+    )
+
+
 @dataclass
 class EncodedRequest:
     """A request chat-encoded for decoding; `index` is its position in the engine call."""
@@ -378,6 +388,8 @@ class GenerationEngine:
                     continue
                 output_ids, text, stopped = self._output(committed[row], item.request.stop)
                 done[row] = bool(state.finished[row])
+                if not done[row]:  # a stop string may begin here and end in a later block
+                    text = text[: len(text) - partial_stop_length(text, item.request.stop)]
                 result = None
                 if done[row]:
                     finish = "stop" if stopped or len(output_ids) < settings.gen_length else "length"

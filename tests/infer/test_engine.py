@@ -1,11 +1,13 @@
 """The generation engine: prefix cache, batch invariance, early stop, streaming, request errors."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
 
 from dimoe.config.loader import ConfigError
-from dimoe.infer.engine import GenerationEngine, ModelLogits
+from dimoe.infer.engine import GenerationEngine, ModelLogits, partial_stop_length
 from dimoe.infer.inputs import Request
 
 
@@ -93,6 +95,35 @@ def test_stream_yields_committed_blocks_then_the_result(engine, requests_mixed):
         assert [c.block for c in own] == [0, 1] and [c.done for c in own] == [False, True]
         assert final[index].output.startswith(own[0].text) and own[-1].text == final[index].output
         assert _outputs([own[-1].result]) == _outputs([final[index]])
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "held"),
+    [("The answer is", ("is 7",), 2), ("abc", ("bcd", "c"), 2), ("abc", ("x",), 0), ("ab", ("abcd",), 2)],
+)
+def test_partial_stop_length(text, stops, held):
+    assert partial_stop_length(text, stops) == held
+
+
+def test_stream_never_sends_the_start_of_a_stop_string_that_ends_in_a_later_block(engine):
+    """A stop string across a block boundary: the first block's chunk holds its beginning back,
+    so every streamed text is a prefix of the final, cut, text."""
+    request = Request("x", prompt="There is a red circle")
+    first_block, whole = [c.text for c in engine.generate_stream([request], strategy="llada")]
+    assert whole.startswith(first_block) and len(whole) > len(first_block) > 0
+    # The shortest stop string that straddles the boundary and occurs nowhere earlier (the random
+    # model repeats itself).
+    edge = len(first_block)
+    stop, start = next(
+        (whole[edge - before : edge + after], edge - before)
+        for after in range(1, len(whole) - edge + 1)
+        for before in range(1, edge + 1)
+        if whole.index(whole[edge - before : edge + after]) == edge - before
+    )
+    chunks = list(engine.generate_stream([replace(request, stop=(stop,))], strategy="llada"))
+    final = chunks[-1].result.output
+    assert final == whole[:start] and chunks[-1].result.finish_reason == "stop"
+    assert all(final.startswith(chunk.text) for chunk in chunks)
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(engine):
