@@ -615,7 +615,7 @@ def diag_supervision_cmd(
     manifest: Annotated[Path, typer.Option(help="Blend Parquet folder or JSONL with answer_length.")],
     out_dir: Annotated[Path, typer.Option(help="Output folder.")],
     t_sampler: Annotated[str, typer.Option(help="uniform | band | stratified | logit_normal.")] = "uniform",
-    views: Annotated[str, typer.Option(help="single | independent | complementary.")] = "single",
+    views: Annotated[str, typer.Option(help="single | independent | mirror | complementary.")] = "single",
     train_log: Annotated[
         Path | None, typer.Option(help="train_metrics.jsonl for the observed value.")
     ] = None,
@@ -640,6 +640,19 @@ def diag_gradient_cmd(
     from dimoe.diag import diag_gradient
 
     print_json(diag_gradient(log, out_dir, compare))
+
+
+@diag_app.command("ppots")
+@user_errors
+def diag_ppots_cmd(
+    log: Annotated[Path, typer.Option(help="ppots.jsonl (or its logs/ or stage folder).")],
+    out_dir: Annotated[Path, typer.Option(help="Output folder.")],
+    compare: CompareOpt = None,
+) -> None:
+    """P-POTS: the estimated loss over t and the proposal it fitted (timesteps.kind ppots)."""
+    from dimoe.diag import diag_ppots
+
+    print_json(diag_ppots(log, out_dir, compare))
 
 
 @app.command("quickstart")

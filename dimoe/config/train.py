@@ -29,18 +29,35 @@ class ScheduleSpec(StrictModel):
     decay_fraction: float = Field(0.2, gt=0, le=1)  # WSD: the last fraction of steps decays
 
 
+class PPOTSSpec(StrictModel):
+    """P-POTS (`timesteps.kind: ppots`, dimoe/diffusion/ppots.py): how the proposal of t is
+    estimated from the current model and fitted."""
+
+    grid_size: int = Field(12, ge=2)  # t points of the estimate, evenly spaced over the band
+    num_rows: int = Field(8, ge=1)  # training rows of the estimate (the first batch's, at most)
+    num_masks: int = Field(4, ge=1)  # masks per row and t point
+    p_model: Literal["smoothed", "beta"] = "smoothed"
+    smoothing: int = Field(1, ge=0)  # `smoothed`: ± grid neighbours averaged
+    uniform_mix: float = Field(0.05, gt=0, le=1)  # share of U[t_min, t_max]: weights <= 1 / this
+    max_is_weight: float = Field(10.0, gt=0)
+    every_steps: int = Field(0, ge=0)  # re-estimate every N steps (0: once, at the start)
+
+
 class TimestepSpec(StrictModel):
-    kind: Literal["uniform", "band", "stratified", "logit_normal"] = "stratified"
+    kind: Literal["uniform", "band", "stratified", "logit_normal", "ppots"] = "stratified"
     t_min: float = Field(0.0, ge=0, le=1)
     t_max: float = Field(1.0, ge=0, le=1)
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
+    ppots: PPOTSSpec = Field(default_factory=PPOTSSpec)
 
 
 class DiffusionSpec(StrictModel):
     timesteps: TimestepSpec = Field(default_factory=TimestepSpec)
     num_t_buckets: int = Field(4, ge=1)
-    views: Literal["complementary", "independent", "single"] = "complementary"
+    # complementary: t and 1 - t, exact complement masks (EBCMC); independent: t and 1 - t, independent
+    # masks; mirror: both at t, masks from reflected uniforms (MIRROR); single: one view
+    views: Literal["complementary", "independent", "mirror", "single"] = "complementary"
     loss_weight: Literal["elbo", "uniform"] = "elbo"
     loss_norm: Literal["token", "sequence", "batch"] = "sequence"
     include_prompt_ratio: float = Field(0.0, ge=0, le=1)
@@ -141,7 +158,8 @@ class TrainConfig(StrictModel):
             raise ValueError(f"diffusion.timesteps: t_min {t.t_min} must be below t_max {t.t_max}")
         if self.diffusion.views == "single" and self.losses.lambda_cons > 0:
             raise ValueError(
-                "losses.lambda_cons needs two views: set diffusion.views to complementary or independent"
+                "losses.lambda_cons needs two views: set diffusion.views to complementary, independent "
+                "or mirror"
             )
         return self
 

@@ -6,6 +6,8 @@ Over the configured t sampler and the manifest's answer-length distribution:
 
     single view           P0 = E_L E_t[(1 - p(t))^L]
     independent views     P0 = E_L E_t[((1 - p(t)) (1 - p(1 - t)))^L]   (view B at 1 - t, as trained)
+    mirror views          P0 = E_L E_t[max(0, 1 - 2 p(t))^L]   (a token is masked in neither view when
+                          p <= u <= 1 - p; both views at t)
     complementary views   P0 = P(L = 0) — every eligible token is masked in exactly one view
 
 The expectation over t is computed by composite Gauss–Legendre quadrature: over [t_min, t_max]
@@ -29,7 +31,7 @@ from dimoe.diag.logs import DiagError, Record
 from dimoe.diffusion.forward import DEFAULT_MASK_EPS
 from dimoe.io import iter_jsonl
 
-VIEWS = ("single", "independent", "complementary")
+VIEWS = ("single", "independent", "mirror", "complementary")
 DEFINITION = (
     "expected fraction of samples with zero supervised tokens: E over the manifest's answer "
     "lengths L and the t sampler of P(no eligible token masked | L, t)"
@@ -81,6 +83,8 @@ def no_supervision_probability(
     keep = (1.0 - eps) * (1.0 - t)
     if views == "independent":
         keep = keep * (1.0 - eps) * t
+    if views == "mirror":
+        keep = np.clip(1.0 - 2.0 * ((1.0 - eps) * t + eps), 0.0, None)
     log_keep = np.log(np.clip(keep, 1e-300, None))
     out = np.empty(lengths.shape, dtype=float)
     flat = lengths.ravel()
@@ -191,6 +195,7 @@ def _expected(
             "configured": expected[views],
             "single_view": expected["single"],
             "independent_views": expected["independent"],
+            "mirror_views": expected["mirror"],
             "complementary": expected["complementary"],
         },
     }
@@ -229,6 +234,7 @@ def diag_supervision(
 VIEW_STYLES = {
     "single": ("tab:red", "single view (no complementary masking)"),
     "independent": ("tab:purple", "two independent views (t, 1 - t)"),
+    "mirror": ("tab:blue", "mirror views (t, reflected masks)"),
     "complementary": ("tab:green", "complementary views"),
 }
 

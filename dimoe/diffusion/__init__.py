@@ -12,6 +12,7 @@ from dimoe.diffusion.forward import (
     independent_views,
     mask_probability,
     mask_tokens,
+    mirror_views,
     single_view,
 )
 from dimoe.diffusion.losses import (
@@ -20,6 +21,7 @@ from dimoe.diffusion.losses import (
     cap_confidence_loss,
     masked_diffusion_loss,
     mean_router_distribution,
+    per_row_diffusion_loss,
     router_z_loss,
     routing_prior_loss,
     stratified_balance_loss,
@@ -51,6 +53,8 @@ __all__ = [
     "mask_tokens",
     "masked_diffusion_loss",
     "mean_router_distribution",
+    "mirror_views",
+    "per_row_diffusion_loss",
     "router_z_loss",
     "routing_prior_loss",
     "sample_timesteps",

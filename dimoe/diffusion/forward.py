@@ -203,3 +203,27 @@ def independent_views(
     _, masked_b = mask_tokens(input_ids, eligible, p_b, mask_token_id, generator)
     views = [(t_a, p_a, masked_a), (t_b, p_b, masked_b)]
     return _stack_views(input_ids, eligible, views, mask_token_id, num_buckets)
+
+
+def mirror_views(
+    input_ids: torch.Tensor,
+    eligible: torch.Tensor,
+    t: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator,
+    *,
+    num_buckets: int = 1,
+    eps: float = DEFAULT_MASK_EPS,
+) -> NoisedBatch:
+    """Two views per sample at the same t whose masks come from reflected uniforms (MIRROR,
+    StableDLLM): token j is masked in view A when u_j < p(t) and in view B when 1 - u_j < p(t).
+
+    Each view alone is the plain forward process (Bernoulli(p) per token, so the loss of each is
+    unbiased); together they are negatively correlated: P(both) = max(0, 2p - 1) < p², so the
+    mean of the two losses varies less than two independent masks. For p <= 1/2 the masks are
+    disjoint, and their union covers a 2p share of the tokens."""
+    p = mask_probability(t, eps)
+    u = torch.rand(input_ids.shape, generator=generator, device=generator.device).to(input_ids.device)
+    masked_a = eligible.bool() & (u < p[:, None])
+    masked_b = eligible.bool() & ((1.0 - u) < p[:, None])
+    return _stack_views(input_ids, eligible, [(t, p, masked_a), (t, p, masked_b)], mask_token_id, num_buckets)

@@ -69,6 +69,7 @@ def masked_diffusion_loss(
     loss_norm: LossNorm = "token",
     answer_lengths: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """Cross-entropy on masked tokens, weighted and normalised as configured.
 
@@ -83,8 +84,9 @@ def masked_diffusion_loss(
 
     ``token_weight`` (Float[B, L], optional) scales each token's cross-entropy inside S_i, and M
     becomes the summed weight of the masked tokens; give ``answer_lengths`` as the matching
-    weighted eligible counts. Denominators are clamped to >= 1, so a batch without masked tokens
-    gives 0.
+    weighted eligible counts. ``row_weight`` (Float[B], optional) multiplies S_i and nothing else:
+    the importance weight of a row whose t was drawn from a proposal (dimoe.diffusion.ppots).
+    Denominators are clamped to >= 1, so a batch without masked tokens gives 0.
 
     Stats: ``masked_tokens`` (M), ``zero_masked_samples`` (rows with no masked token, problem D),
     ``supervised_fraction`` (rows with >= 1 masked token / B), ``ce_mean`` (unweighted CE per masked
@@ -95,12 +97,10 @@ def masked_diffusion_loss(
     if loss_norm != "token" and answer_lengths is None:
         raise ValueError(f"loss_norm={loss_norm!r} needs answer_lengths (eligible tokens per sample)")
     masked = masked.bool()
-    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+    ce, weights, weighted = _row_sums(logits, targets, masked, p, loss_weight, token_weight)
+    if row_weight is not None:
+        weighted = weighted * row_weight.float()
     batch = masked.shape[0]
-    weights = token_weight[masked].float() if token_weight is not None else torch.ones_like(ce)
-    ce_per_row = ce.new_zeros(batch).index_add(0, _per_position_rows(masked), ce * weights)
-    weight = 1.0 / p.float() if loss_weight == "elbo" else torch.ones_like(ce_per_row)
-    weighted = weight * ce_per_row
     num_masked = masked.sum()
     if loss_norm == "token":
         value = weighted.sum() / weights.sum().clamp(min=1)
@@ -118,6 +118,38 @@ def masked_diffusion_loss(
     if answer_lengths is not None and token_weight is None:  # weighted lengths are not token counts
         stats["mask_ratio"] = num_masked.float() / answer_lengths.sum().clamp(min=1)
     return LossOutput(value, stats)
+
+
+def _row_sums(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p: torch.Tensor,
+    loss_weight: LossWeight,
+    token_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE of each masked token, its token weight, S_i of each row) for `masked_diffusion_loss`."""
+    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+    weights = token_weight[masked].float() if token_weight is not None else torch.ones_like(ce)
+    ce_per_row = ce.new_zeros(masked.shape[0]).index_add(0, _per_position_rows(masked), ce * weights)
+    weight = 1.0 / p.float() if loss_weight == "elbo" else torch.ones_like(ce_per_row)
+    return ce, weights, weight * ce_per_row
+
+
+def per_row_diffusion_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p: torch.Tensor,
+    answer_lengths: torch.Tensor,
+    *,
+    loss_weight: LossWeight = "elbo",
+    token_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S_i / n_i of every row (Float[B]): the row's term of the ``sequence``-normalised loss, whose
+    mean and variance over rows and masks at a t are P-POTS's m(t) and v(t)."""
+    _, _, weighted = _row_sums(logits, targets, masked.bool(), p, loss_weight, token_weight)
+    return weighted / answer_lengths.clamp(min=1)
 
 
 def _check_layers(*per_layer: Sequence[torch.Tensor]) -> None:

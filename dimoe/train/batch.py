@@ -49,6 +49,16 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
+    def head(self, rows: int) -> TrainBatch:
+        """The first `rows` rows, with their images."""
+        images = int(self.image_mask[:rows].any(dim=1).sum())
+        fields = {k: v[:rows] for k, v in self.__dict__.items() if k != "pixel_values"}
+        return TrainBatch(**fields, pixel_values=self.pixel_values[:images])
+
+    def repeat(self, times: int) -> TrainBatch:
+        """The rows `times` over, one copy after the other (images likewise, so they keep row order)."""
+        return TrainBatch(**{k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in self.__dict__.items()})
+
 
 def length_grouped(
     groups: Iterable[Mapping[str, np.ndarray]],

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from dimoe.config.train import GROUPS, TrainConfig
-from dimoe.io import read_json, write_json
+from dimoe.diffusion.ppots import Proposal
+from dimoe.io import append_jsonl, read_json, write_json
 from dimoe.train.batch import TrainBatch, collate, length_grouped
-from dimoe.train.objective import StepOutput, training_step
+from dimoe.train.objective import StepOutput, estimate_proposal, training_step
 from dimoe.train.schedule import lr_multiplier
 from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
 
@@ -153,6 +154,7 @@ class Trainer:
             self.blank_image = torch.zeros(size, dtype=self.dtype, device=self.engine.device)
         self.shard = ray.train.get_dataset_shard("train")
         self.step = self.last_checkpoint_step = 0
+        self.proposal: Proposal | None = None  # P-POTS's sampler of t (timesteps.kind ppots)
 
     # -- resume ----------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -181,6 +183,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         for rows in self.batches():
             self.inject_failure_if_due()
+            self.refresh_proposal_if_due(rows)
             log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
             out, grads = self.train_step(rows, log_step)
             metrics = out.metrics
@@ -222,6 +225,27 @@ class Trainer:
             marker.write_text(str(self.step))
             raise RuntimeError(f"injected worker failure at step {self.step} (testing fault tolerance)")
 
+    def refresh_proposal_if_due(self, rows: dict[str, np.ndarray]) -> None:
+        """P-POTS: estimate the proposal of t from the current model at the first step (of this
+        run or of a resume) and every `ppots.every_steps`. Every rank estimates (a forward under
+        ZeRO-3 is collective), then all take rank 0's, so the ranks sample t alike."""
+        spec = self.cfg.diffusion.timesteps
+        every = spec.ppots.every_steps
+        due = self.proposal is None or (every > 0 and self.step % every == 0)
+        if spec.kind != "ppots" or not due:
+            return
+        proposal, estimate = estimate_proposal(
+            self.engine, self.cfg, self.to_batch(rows), self.generator,
+            mask_token_id=self.model_config.mask_token_id, encode_images=self.engine.module.encode_images,
+        )  # fmt: skip
+        cdf = proposal.cdf.to(self.engine.device)
+        if self.world > 1:
+            torch.distributed.broadcast(cdf, src=0)
+        self.proposal = Proposal(proposal.nodes, cdf.cpu(), proposal.max_is_weight)
+        if self.rank == 0:
+            record = {"step": self.step, **estimate, "clamped_fraction": self.proposal.clamped_fraction()}
+            append_jsonl(self.stage_dir / "logs" / "ppots.jsonl", record)
+
     def train_step(self, rows: dict[str, np.ndarray], log_step: bool) -> tuple[StepOutput, dict | None]:
         """Forward and objective, backward, optimizer step (DeepSpeed clips, reduces the gradients
         across workers and steps the LR schedule). Returns the step's output and, at a log step,
@@ -238,6 +262,7 @@ class Trainer:
             encode_images=self.engine.module.encode_images,
             collect_routing=log_step and self.rank == 0,
             blank_image=self.blank_image,
+            proposal=self.proposal,
         )
         self.check_finite(out.metrics["loss"])
         self.engine.backward(out.loss)

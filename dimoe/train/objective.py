@@ -24,6 +24,8 @@ from dimoe.diffusion import (
     independent_views,
     masked_diffusion_loss,
     mean_router_distribution,
+    mirror_views,
+    per_row_diffusion_loss,
     router_z_loss,
     routing_prior_loss,
     sample_timesteps,
@@ -31,6 +33,7 @@ from dimoe.diffusion import (
     stratified_balance_loss,
     view_consistency_loss,
 )
+from dimoe.diffusion.ppots import Proposal, fit_proposal, loss_moments, optimal_shape
 from dimoe.train.batch import MODALITIES, TrainBatch
 
 if TYPE_CHECKING:
@@ -44,24 +47,90 @@ class StepOutput:
     routing: dict[str, Any] = field(default_factory=dict)  # per-layer tensors for routing_stats.jsonl
 
 
-def make_views(
-    cfg: TrainConfig, batch: TrainBatch, mask_token_id: int, generator: torch.Generator
-) -> NoisedBatch:
-    d = cfg.diffusion
-    ts = d.timesteps
+def sample_t(
+    cfg: TrainConfig, batch_size: int, generator: torch.Generator, proposal: Proposal | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows' noise levels and, under P-POTS, their importance weights (None otherwise)."""
+    d, ts = cfg.diffusion, cfg.diffusion.timesteps
+    if ts.kind == "ppots":
+        if proposal is None:
+            raise ValueError("timesteps.kind ppots needs the fitted proposal (estimate_proposal)")
+        t = proposal.sample(batch_size, generator)
+        return t, proposal.weights(t)
     t = sample_timesteps(
-        ts.kind, batch.input_ids.shape[0], generator,
+        ts.kind, batch_size, generator,
         num_buckets=d.num_t_buckets, t_min=ts.t_min, t_max=ts.t_max, mean=ts.mean, std=ts.std,
     )  # fmt: skip
+    return t, None
+
+
+def make_views(
+    cfg: TrainConfig,
+    batch: TrainBatch,
+    mask_token_id: int,
+    generator: torch.Generator,
+    t: torch.Tensor | None = None,
+    views: str | None = None,
+) -> NoisedBatch:
+    """The noised views of `batch` (`views`, default the config's) at noise levels `t` (default:
+    drawn by the config's sampler, which must then not be `ppots`)."""
+    d = cfg.diffusion
+    if t is None:
+        t, _ = sample_t(cfg, batch.input_ids.shape[0], generator)
     eligible = eligible_positions(
         batch.response_mask, batch.prompt_text_mask, d.include_prompt_ratio, generator
     )
     common = {"num_buckets": d.num_t_buckets, "eps": d.mask_eps}
-    if d.views == "complementary":
+    views = views or d.views
+    if views == "complementary":
         return complementary_views(batch.input_ids, eligible, t, mask_token_id, generator, **common)
-    if d.views == "independent":
+    if views == "independent":
         return independent_views(batch.input_ids, eligible, t, 1 - t, mask_token_id, generator, **common)
+    if views == "mirror":
+        return mirror_views(batch.input_ids, eligible, t, mask_token_id, generator, **common)
     return single_view(batch.input_ids, eligible, t, mask_token_id, generator, **common)
+
+
+def estimate_proposal(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    batch: TrainBatch,
+    generator: torch.Generator,
+    *,
+    mask_token_id: int,
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[Proposal, dict[str, list[float]]]:
+    """P-POTS: m(t) and v(t) of the per-row loss of the current model on a grid of t (the first
+    `num_rows` rows of `batch` × `num_masks` single-view masks each), and the proposal fitted to
+    w(t) = sqrt(v + m²). Returns it with the estimate, for the log."""
+    ts, spec = cfg.diffusion.timesteps, cfg.diffusion.timesteps.ppots
+    rows = batch.head(spec.num_rows).repeat(spec.num_masks)
+    features = encode_images(rows.pixel_values) if rows.pixel_values.numel() else None
+
+    @torch.no_grad()
+    def row_losses(t: float) -> torch.Tensor:
+        level = torch.full((rows.input_ids.shape[0],), t)
+        noised = make_views(cfg, rows, mask_token_id, generator, t=level, views="single")
+        out = _forward_views(model, rows, noised, features)
+        token_weight, answer_lengths = _eos_padding_weights(cfg, rows, noised)
+        return per_row_diffusion_loss(
+            out.logits, rows.input_ids, noised.masked, noised.p, answer_lengths,
+            loss_weight=cfg.diffusion.loss_weight, token_weight=token_weight,
+        )  # fmt: skip
+
+    width = (ts.t_max - ts.t_min) / spec.grid_size
+    grid = torch.linspace(ts.t_min + width / 2, ts.t_max - width / 2, spec.grid_size, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    means, variances = loss_moments(row_losses, grid)
+    model.train(was_training)
+    shape = optimal_shape(means, variances)
+    proposal = fit_proposal(
+        grid, shape, p_model=spec.p_model, t_min=ts.t_min, t_max=ts.t_max,
+        uniform_mix=spec.uniform_mix, max_is_weight=spec.max_is_weight, smoothing=spec.smoothing,
+    )  # fmt: skip
+    estimate = {"t": grid.tolist(), "m": means.tolist(), "v": variances.tolist(), "w": shape.tolist()}
+    return proposal, estimate
 
 
 def training_step(
@@ -75,6 +144,7 @@ def training_step(
     encode_images: Callable[[torch.Tensor], torch.Tensor],
     collect_routing: bool = False,
     blank_image: torch.Tensor | None = None,
+    proposal: Proposal | None = None,
 ) -> StepOutput:
     """Forward all views in one call and return the weighted loss with its parts.
 
@@ -82,13 +152,17 @@ def training_step(
     by both views of every sample (EBCMC: the tower runs once per complementary pair).
     `blank_image` ([1, 3, S, S]), when given, goes through the tower with weight 0 in a batch
     without images: data-parallel ranks reduce gradients bucket by bucket in lockstep, so every
-    rank's backward must reach the vision parameters even when its batch is text only."""
-    noised = make_views(cfg, batch, mask_token_id, generator)
+    rank's backward must reach the vision parameters even when its batch is text only.
+    `proposal`: P-POTS's fitted sampler of t (`timesteps.kind: ppots`); each row's loss is then
+    weighted by its importance weight, the same for both views of a pair (they share t)."""
+    t, is_weight = sample_t(cfg, batch.input_ids.shape[0], generator, proposal)
+    noised = make_views(cfg, batch, mask_token_id, generator, t=t)
     features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
     out = _forward_views(model, batch, noised, features)
     visible = noised.visible(batch.attention_mask)
     losses = cfg.losses
-    diff = _diffusion_loss(cfg, batch, noised, out)
+    row_weight = None if is_weight is None else is_weight.repeat(noised.num_views)
+    diff = _diffusion_loss(cfg, batch, noised, out, row_weight)
     balance = _balance_loss(cfg, out, noised, visible)
     z = router_z_loss(out.router_logits, batch.attention_mask.repeat(noised.num_views, 1))
     total = diff.value + losses.lambda_bal * balance.value + losses.lambda_z * z.value
@@ -125,12 +199,18 @@ def _forward_views(
     )
 
 
-def _diffusion_loss(cfg: TrainConfig, batch: TrainBatch, noised: NoisedBatch, out: DiMoEOutput) -> LossOutput:
+def _diffusion_loss(
+    cfg: TrainConfig,
+    batch: TrainBatch,
+    noised: NoisedBatch,
+    out: DiMoEOutput,
+    row_weight: torch.Tensor | None,
+) -> LossOutput:
     token_weight, answer_lengths = _eos_padding_weights(cfg, batch, noised)
     return masked_diffusion_loss(
         out.logits, batch.input_ids.repeat(noised.num_views, 1), noised.masked, noised.p,
         loss_weight=cfg.diffusion.loss_weight, loss_norm=cfg.diffusion.loss_norm,
-        answer_lengths=answer_lengths, token_weight=token_weight,
+        answer_lengths=answer_lengths, token_weight=token_weight, row_weight=row_weight,
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from dimoe.diag.supervision import (
     no_supervision_probability,
     read_answer_lengths,
 )
-from dimoe.diffusion.forward import complementary_views, independent_views, single_view
+from dimoe.diffusion.forward import complementary_views, independent_views, mirror_views, single_view
 from dimoe.diffusion.timesteps import sample_timesteps
 
 LENGTHS = [1, 1, 2, 3, 5, 8, 20]
@@ -51,6 +51,8 @@ def monte_carlo(sampler: TimestepSpec, views: str, samples: int = 60_000, eps: f
         noised = single_view(ids, eligible, t, 9, generator, eps=eps)
     elif views == "independent":
         noised = independent_views(ids, eligible, t, 1 - t, 9, generator, eps=eps)
+    elif views == "mirror":
+        noised = mirror_views(ids, eligible, t, 9, generator, eps=eps)
     else:
         noised = complementary_views(ids, eligible, t, 9, generator, eps=eps)
     supervised = noised.masked.view(noised.num_views, len(lengths), -1).any(dim=2).any(dim=0)
@@ -58,7 +60,7 @@ def monte_carlo(sampler: TimestepSpec, views: str, samples: int = 60_000, eps: f
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda spec: spec.kind)
-@pytest.mark.parametrize("views", ["single", "independent", "complementary"])
+@pytest.mark.parametrize("views", ["single", "independent", "mirror", "complementary"])
 def test_closed_form_matches_monte_carlo(sampler: TimestepSpec, views: str) -> None:
     expected = expected_zero_supervision(np.array(LENGTHS), sampler, views)
     assert expected == pytest.approx(monte_carlo(sampler, views), abs=0.01)

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from dimoe.config.train import TrainConfig
-from dimoe.diffusion import RouterPriorEMA
+from dimoe.diffusion import RouterPriorEMA, per_row_diffusion_loss
 from dimoe.model.processor import ImageProcessor
 from dimoe.train.batch import collate
-from dimoe.train.objective import training_step
+from dimoe.train.objective import estimate_proposal, make_views, training_step
 
 
 def png(colour) -> bytes:
@@ -77,7 +77,7 @@ def test_a_long_answer_does_not_pad_its_batch_mates_answers(tiny_model, rows):
     assert batch.modality[2, end:].tolist() == [-1] * 8
 
 
-@pytest.mark.parametrize("views", ["complementary", "independent", "single"])
+@pytest.mark.parametrize("views", ["complementary", "independent", "mirror", "single"])
 def test_every_stage_objective_is_finite_and_backpropagates(tiny_model, rows, views):
     cfg = TrainConfig(
         stage="t",
@@ -285,3 +285,50 @@ def test_vision_image_size_trains_init_from_at_another_resolution(checkpoint):
     model, _ = load_initial_model(cfg)
     assert model.training and model.config.vision_config["image_size"] == 64
     assert model.config.num_image_tokens == 16  # 8×8 patches of 8 px, pooled 2×2
+
+
+def test_ppots_on_a_fixed_model_matches_uniform_t_in_expectation_with_less_variance(tiny_model, rows):
+    """The proposal estimated from the model's own per-row losses; the importance-weighted loss
+    of t ~ q then estimates the uniform-t loss of the same (frozen) model."""
+    cfg = TrainConfig(stage="t", diffusion={"views": "single", "timesteps": {"kind": "ppots"}})
+    batch, generator = make_batch(tiny_model, rows), torch.Generator().manual_seed(0)
+    model, mask_id = tiny_model.eval(), tiny_model.config.mask_token_id
+    proposal, estimate = estimate_proposal(
+        model, cfg, batch, generator, mask_token_id=mask_id, encode_images=tiny_model.encode_images
+    )
+    assert len(estimate["t"]) == cfg.diffusion.timesteps.ppots.grid_size and proposal.clamped_fraction() == 0
+    many = batch.repeat(200)
+    features = tiny_model.encode_images(many.pixel_values)
+
+    @torch.no_grad()
+    def losses(t: torch.Tensor) -> torch.Tensor:
+        noised = make_views(cfg, many, mask_id, generator, t=t)
+        out = model(many.input_ids, many.attention_mask.long(), prefix_mask=many.prefix_mask,
+                    image_features=features)  # fmt: skip
+        return per_row_diffusion_loss(
+            out.logits, many.input_ids, noised.masked, noised.p, noised.answer_lengths
+        )
+
+    rows_n = many.input_ids.shape[0]
+    plain = torch.cat([losses(torch.rand(rows_n, generator=generator)) for _ in range(3)]).double()
+    draws = [proposal.sample(rows_n, generator) for _ in range(3)]
+    weighted = torch.cat([proposal.weights(t) * losses(t) for t in draws]).double()
+    standard_error = (plain.var() / len(plain) + weighted.var() / len(weighted)).sqrt()
+    # The variance claim needs a non-flat m(t), which a random model does not have: see
+    # tests/diffusion/test_ppots_mirror.py.
+    assert abs(plain.mean() - weighted.mean()) < 4 * standard_error
+
+
+def test_ppots_training_step_weights_rows_by_the_proposal(tiny_model, rows):
+    cfg = TrainConfig(stage="t", diffusion={"views": "mirror", "timesteps": {"kind": "ppots"}})
+    batch = make_batch(tiny_model, rows)
+    kwargs = {"mask_token_id": tiny_model.config.mask_token_id, "encode_images": tiny_model.encode_images}
+    prior = RouterPriorEMA(tiny_model.config.num_hidden_layers, tiny_model.config.num_experts)
+    with pytest.raises(ValueError, match="needs the fitted proposal"):
+        training_step(tiny_model, cfg, batch, torch.Generator().manual_seed(0), prior, **kwargs)
+    proposal, _ = estimate_proposal(tiny_model, cfg, batch, torch.Generator().manual_seed(0), **kwargs)
+    out = training_step(
+        tiny_model.train(), cfg, batch, torch.Generator().manual_seed(1), prior, proposal=proposal, **kwargs
+    )
+    assert torch.isfinite(out.loss)
+    out.loss.backward()

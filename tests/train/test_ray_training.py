@@ -2,6 +2,7 @@
 with an injected worker failure, frozen groups, logs and exports."""
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -227,3 +228,29 @@ def test_a_stage_trains_from_webdataset_shards_as_from_parquet(ray_cluster, toke
     assert rows[0] == rows[1] and sum(row["image"] is not None for row in rows[0]) == 32
     result = run_stage(as_shards, progress=False)
     assert (result.final_dir / "model.safetensors").is_file() and result.metrics["step"] == 2
+
+
+def test_ppots_and_mirror_train_on_two_workers_and_the_same_seed_repeats_the_losses(
+    ray_cluster, tokenizer, tmp_path
+):
+    """`timesteps.kind: ppots` with `views: mirror` on Ray Train: the proposal is estimated, shared
+    by the ranks and logged; and two runs with the same seed log the same losses step by step."""
+    image_tokens = load_config("configs/model/tiny.yaml", ModelConfig).vision.num_image_tokens
+    write_blends(tmp_path / "data", tokenizer, image_tokens)
+    tok_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    common = [f"data.data_dir={tmp_path / 'data'}", f"tokenizer={tok_dir}", "batch_size=4", "max_steps=3",
+              "log_every=1", "data.response_length=8", "diffusion.views=mirror",
+              "diffusion.timesteps.kind=ppots", "diffusion.timesteps.ppots.every_steps=2",
+              "diffusion.timesteps.ppots.grid_size=4"]  # fmt: skip
+    losses = []
+    for run in ("a", "b"):
+        overrides = [*common, f"output_dir={tmp_path / run}"]
+        run_stage(load_config("configs/train/tiny/stage0_naive.yaml", TrainConfig, overrides), progress=False)
+        logs = tmp_path / run / "stage0_naive/logs"
+        losses.append([r["loss"] for r in read_jsonl(logs / "train_metrics.jsonl")])
+        estimates = read_jsonl(logs / "ppots.jsonl")
+        assert [e["step"] for e in estimates] == [0, 2]  # at the start, then every 2 steps
+        assert len(estimates[0]["w"]) == 4 and all(w > 0 for w in estimates[0]["w"])
+    assert len(losses[0]) == 3 and all(math.isfinite(loss) for loss in losses[0])
+    assert losses[0] == losses[1]
