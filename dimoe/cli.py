@@ -661,11 +661,12 @@ def quickstart(
     fast: Annotated[bool, typer.Option(help="Shorter budgets (CI).")] = False,
     root: Annotated[Path, typer.Option(help="Where artifacts go.")] = Path("artifacts"),
     restart: Annotated[bool, typer.Option(help="Redo finished steps instead of skipping them.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data, the initial weights and training.")] = 0,
 ) -> None:
     """Run the whole platform end to end on this machine (tiny model, built-in data, local Ray)."""
     from dimoe.quickstart import run_quickstart
 
-    run_quickstart(root, fast=fast, restart=restart)
+    run_quickstart(root, fast=fast, restart=restart, seed=seed)
 
 
 def main() -> None:

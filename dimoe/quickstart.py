@@ -17,6 +17,9 @@ from typing import Any
 from rich.console import Console
 
 from dimoe.config.eval import EvalConfig
+from dimoe.config.loader import load_config
+from dimoe.config.train import TrainConfig
+from dimoe.config.tune import TuneConfig
 from dimoe.io import iter_jsonl, read_json, write_json
 
 console = Console()
@@ -52,6 +55,11 @@ class QuickstartContext:
         return self.demo_dir / "tokenizer"
 
     @property
+    def naive_dir(self) -> Path:
+        """The same-budget naive run (DMAR and EBCMC off) beside the curriculum."""
+        return self.root / "train-naive"
+
+    @property
     def init_dir(self) -> Path:
         """The model stage0 starts from: the pretrained tiny tower + a fresh backbone."""
         return self.root / "models" / "dimoe-vl-tiny"
@@ -66,7 +74,6 @@ def _synth(ctx: QuickstartContext) -> dict[str, Any]:
 
 def _normalize_and_blend(ctx: QuickstartContext) -> dict[str, Any]:
     from dimoe.config.data import BlendConfig, NormalizeConfig
-    from dimoe.config.loader import load_config
     from dimoe.data.blend import build_stage_blends
     from dimoe.data.normalize import normalize
 
@@ -86,7 +93,6 @@ def _normalize_and_blend(ctx: QuickstartContext) -> dict[str, Any]:
 
 def _pretrain_vision(ctx: QuickstartContext) -> dict[str, Any]:
     """The tiny profile's stand-in for a published SigLIP, then `model init --vision-from` with it."""
-    from dimoe.config.loader import load_config
     from dimoe.config.model import ModelConfig
     from dimoe.config.train import VisionPretrainConfig
     from dimoe.data.tokenizer import load_tokenizer
@@ -112,19 +118,42 @@ STEPS_FAST = {"stage0_naive": 20, "stage1_align": 6, "stage2_full": 20, "stage3_
 
 
 def _train(ctx: QuickstartContext) -> dict[str, Any]:
+    """The curriculum stage0 → stage3, then the same-budget naive run: stages 2 and 3 again from
+    the same stage1 weights, on the same data and steps, with DMAR and EBCMC off."""
     from dimoe.train.launcher import load_curriculum, run_curriculum
 
-    overrides = [
-        f"data.data_dir={ctx.data_dir}",
-        f"tokenizer={ctx.tokenizer_dir}",
-        f"output_dir={ctx.train_dir}",
-        f"init_from={ctx.init_dir.resolve()}",  # stage0's start; each later stage continues the previous one
-    ]
-    configs = load_curriculum("configs/train/tiny", overrides)
-    if ctx.fast:
-        configs = [c.model_copy(update={"max_steps": STEPS_FAST[c.stage], "log_every": 5}) for c in configs]
-    results = run_curriculum(configs)
-    return {r.stage: str(r.final_dir) for r in results}
+    common = [f"data.data_dir={ctx.data_dir}", f"tokenizer={ctx.tokenizer_dir}", f"seed={ctx.seed}"]
+    # init_from is stage0's start; each later stage continues the previous one
+    start = [f"output_dir={ctx.train_dir}", f"init_from={ctx.init_dir.resolve()}"]
+    results = run_curriculum(_budgeted(ctx, load_curriculum("configs/train/tiny", [*common, *start])))
+    aligned = _final(ctx, "stage1_align").resolve()
+    naive = [
+        load_config(f"configs/train/tiny/{stage}.yaml", TrainConfig, [
+            *common, f"output_dir={ctx.naive_dir}", f"init_from={aligned}", *naive_overrides(stage)])
+        for stage in NAIVE_STAGES
+    ]  # fmt: skip
+    naive_results = run_curriculum(_budgeted(ctx, naive))
+    return {
+        **{r.stage: str(r.final_dir) for r in results},
+        "naive": {r.stage: str(r.final_dir) for r in naive_results},
+    }
+
+
+NAIVE_STAGES = ("stage2_full", "stage3_lownfe")
+
+
+def naive_overrides(stage: str) -> list[str]:
+    """The Tune grid's `naive` variant (configs/tune/ablations.yaml) for `stage`. stage3's high-t
+    band belongs to the low-NFE stage, not to EBCMC, so the naive stage3 keeps it (uniform t in
+    the band) and its confidence loss."""
+    naive = load_config("configs/tune/ablations.yaml", TuneConfig).variants["naive"].set
+    return [*naive, "diffusion.timesteps.kind=band"] if stage == "stage3_lownfe" else list(naive)
+
+
+def _budgeted(ctx: QuickstartContext, configs: list[TrainConfig]) -> list[TrainConfig]:
+    if not ctx.fast:
+        return configs
+    return [c.model_copy(update={"max_steps": STEPS_FAST[c.stage], "log_every": 5}) for c in configs]
 
 
 PRESETS = ("fast", "mid", "best")
@@ -141,26 +170,21 @@ def _evaluate(ctx: QuickstartContext) -> dict[str, Any]:
 
     cfg = _eval_config(ctx)
     eval_root = ctx.root / "eval"
-    runs = {
-        (stage, preset): eval_root / f"{stage}_{preset}" for stage in ("stage3_lownfe",) for preset in PRESETS
-    }
-    runs[("stage0_naive", "best")] = eval_root / "stage0_naive_best"
+    final, naive = _final(ctx, "stage3_lownfe"), ctx.naive_dir / "stage3_lownfe" / "final"
+    runs = {f"final/{preset}": (final, preset) for preset in PRESETS} | {"naive/best": (naive, "best")}
     scores = {}
-    for (stage, preset), out in runs.items():
+    for label, (checkpoint, preset) in runs.items():
         # Each task decodes its own answer length (tasks.<name>.gen_length of the eval config).
-        result = run_eval(cfg, "demo", preset, _final(ctx, stage), out, batch_size=32)
-        label = "naive" if stage == "stage0_naive" else "final"
-        scores[f"{label}/{preset}"] = {
-            task: round(r["score"], 3) for task, r in result["tasks"].items() if "score" in r
-        }
-    tables = summarize(list(runs.values()), ctx.root / "results")
+        out = eval_root / label.replace("/", "_")
+        result = run_eval(cfg, "demo", preset, checkpoint, out, batch_size=32)
+        scores[label] = {task: round(r["score"], 3) for task, r in result["tasks"].items() if "score" in r}
+    tables = summarize([eval_root / label.replace("/", "_") for label in runs], ctx.root / "results")
     _print_accuracy_table(scores, _majority_baselines(ctx))
     console.print(f"full tables (with NFE, tokens/s, NFE × active params): {tables['markdown']}")
     return {"scores": scores, "tables": {k: str(v) for k, v in tables.items()}}
 
 
 def _eval_config(ctx: QuickstartContext) -> EvalConfig:
-    from dimoe.config.loader import load_config
 
     overrides = [f"data_root={ctx.demo_dir}"]
     if ctx.fast:
@@ -180,14 +204,18 @@ def _majority_baselines(ctx: QuickstartContext) -> dict[str, float]:
 def _print_accuracy_table(scores: dict[str, dict[str, float]], baselines: dict[str, float]) -> None:
     from rich.table import Table
 
-    table = Table(title="exact match on the demo test split (majority-answer baseline beside it)")
+    from dimoe.eval.tasks import get_task
+
+    table = Table(title="the demo test split, each task's own metric; naive = the same budget with "
+                  "DMAR and EBCMC off; majority = always the most frequent answer")  # fmt: skip
     table.add_column("task")
+    table.add_column("metric")
     for run in scores:
         table.add_column(run, justify="right")
     table.add_column("majority", justify="right")
     for task in DEMO_TASKS:
         cells = [f"{scores[run].get(task, float('nan')):.3f}" for run in scores]
-        table.add_row(task, *cells, f"{baselines.get(task, float('nan')):.3f}")
+        table.add_row(task, get_task(task).metric, *cells, f"{baselines.get(task, float('nan')):.3f}")
     console.print(table)
 
 
@@ -196,7 +224,7 @@ def _diagnose(ctx: QuickstartContext) -> dict[str, Any]:
 
     full, naive, out = (
         ctx.train_dir / "stage2_full" / "logs",
-        ctx.train_dir / "stage0_naive" / "logs",
+        ctx.naive_dir / "stage2_full" / "logs",
         ctx.root / "diag",
     )
     routing = diag_routing(full, out / "routing", compare=naive)
@@ -267,19 +295,21 @@ STEPS = [
     Step("synth", "generate the built-in data and tokenizer (dimoe data synth)", _synth),
     Step("data", "normalize and build the four stage blends (Ray Data → Parquet)", _normalize_and_blend),
     Step("vision", "pretrain the tiny vision tower (SigLIP), stage0's starting point", _pretrain_vision),
-    Step("train", "train stage0 → stage1 → stage2 → stage3 (Ray Train + DeepSpeed, 2 workers)", _train),
-    Step("eval", "evaluate the final checkpoint at fast / mid / best and the naive stage", _evaluate),
-    Step("diag", "diagnostics A–F of the full stage versus the naive stage (JSON + PNG)", _diagnose),
+    Step("train", "train stage0 → stage3, and stage2 → stage3 naive (Ray Train + DeepSpeed)", _train),
+    Step(
+        "eval", "evaluate the final checkpoint at fast / mid / best and the same-budget naive run", _evaluate
+    ),
+    Step("diag", "diagnostics A–F of the full stage2 versus the naive stage2 (JSON + PNG)", _diagnose),
     Step("serve", "serve the final checkpoint (Ray Serve) and ask over REST and gRPC", _serve),
 ]
 
 
 def run_quickstart(
-    root: str | Path = "artifacts", *, fast: bool = False, restart: bool = False
+    root: str | Path = "artifacts", *, fast: bool = False, restart: bool = False, seed: int = 0
 ) -> dict[str, Any]:
     from dimoe.io import ensure_ray
 
-    ctx = QuickstartContext(Path(root), fast)
+    ctx = QuickstartContext(Path(root), fast, seed)
     ensure_ray(num_cpus=max(os.cpu_count() or 2, 2))
     markers = ctx.root / "quickstart"
     markers.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,16 @@ def test_every_artifact_exists(quickstart):
         assert list((out / "data/v1/blends" / blend).glob("*.parquet")), blend
         assert (out / "train" / blend / "final/model.safetensors").is_file()
         assert (out / "train" / blend / "logs/train_metrics.jsonl").is_file()
-    for run in ("stage3_lownfe_fast", "stage3_lownfe_mid", "stage3_lownfe_best", "stage0_naive_best"):
+    # The same-budget naive run: stages 2 and 3 from the same stage1 weights, DMAR and EBCMC off.
+    for stage in ("stage2_full", "stage3_lownfe"):
+        assert (out / "train-naive" / stage / "final/model.safetensors").is_file()
+        config = json.loads((out / "train-naive" / stage / "train_config.json").read_text())
+        assert config["diffusion"]["views"] == "single" and not config["losses"]["stratified_balance"]
+        assert (
+            config["max_steps"]
+            == json.loads((out / "train" / stage / "train_config.json").read_text())["max_steps"]
+        )
+    for run in ("final_fast", "final_mid", "final_best", "naive_best"):
         scores = json.loads((out / "eval" / run / "scores.json").read_text())
         assert set(scores["tasks"]) >= {"demo_vqa_colour", "demo_describe"}
     assert (out / "results/summary.md").is_file()

@@ -184,6 +184,7 @@ class AblationColumn:
 ABLATION_COLUMNS = (
     AblationColumn("accuracy_best", "Acc.\\ best", "Acc. best", percent, True),
     AblationColumn("accuracy_fast", "Acc.\\ fast", "Acc. fast", percent, True),
+    AblationColumn("describe_f1_best", "Descr.\\ F1", "Describe F1", percent, True),
     AblationColumn("nfe_best", "NFE best", "NFE best", lambda value: number(value, 1), False),
     AblationColumn("nfe_fast", "NFE fast", "NFE fast", lambda value: number(value, 1), False),
     AblationColumn("A_routing_js", r"A: JS$\downarrow$", "A: JS ↓", lambda value: number(value, 3), False),
@@ -274,8 +275,8 @@ def ablation_table(tune_results: str | Path) -> Table:
             better = (lambda a, b: a > b) if column.higher_is_better else (lambda a, b: a < b)
             bold |= _best_cells(shifted, range(len(rows)), [index], better)
     return Table(
-        caption="Ablations: accuracy with the best and fast presets, NFE, and the A-F diagnostics "
-        "(arrows: which direction is better).",
+        caption="Ablations (means over seeds): VQA accuracy with the best and fast presets, description "
+        "token F1, NFE, and the A-F diagnostics (arrows: which direction is better).",
         label="tab:ablation",
         latex_header=["Variant", *(column.latex for column in columns)],
         markdown_header=["Variant", *(column.markdown for column in columns)],

@@ -130,6 +130,7 @@ class Task:
     """
 
     name: str = ""
+    metric: str = "exact_match"  # what `score` computes, as tables label it
     gold_fields: tuple[str, ...] = ("answer",)
     extra_metrics: tuple[str, ...] = ()
 
@@ -240,6 +241,7 @@ def list_tasks() -> list[str]:
 
 @register_task("vqav2")
 class VQATask(Task):
+    metric = "vqa_accuracy"
     """VQAv2: `question`, `image`, `answers` (the 10 human answers, as strings or VQA annotation
     objects); VQA accuracy."""
 
@@ -291,6 +293,7 @@ class GQATask(Task):
 @register_task("mmbench")
 @register_task("mmmu")
 class MultipleChoiceTask(Task):
+    metric = "accuracy"
     """ScienceQA / MMBench / MMMU multiple choice: `question`, options as `choices` / `options`
     (a list, a letter -> text mapping, MMMU's stringified list, or MMBench's `A`, `B`, ... columns),
     `answer` as letter, 0-based index or option text; optional `hint` / `context` and `image`.
@@ -371,6 +374,7 @@ def _gold_letter(answer: Any, choices: list[str]) -> str:
 
 @register_task("mme")
 class MMETask(Task):
+    metric = "accuracy"
     """MME: yes/no questions, two per image. `question_id` (the image, shared by its two questions),
     `question`, `answer` (Yes/No), optional `category` and `image` (default: `question_id`).
     Per-row accuracy; `aggregate` adds accuracy+ and MME's 100 * (acc + acc+) per category."""
@@ -424,6 +428,7 @@ def _mme_group(results: list[dict[str, Any]]) -> dict[str, float]:
 
 @register_task("chartqa")
 class ChartQATask(Task):
+    metric = "relaxed_accuracy"
     """ChartQA: `query` / `question`, `label` / `answer`, image from `imgname` / `image`;
     relaxed accuracy (5 % numeric tolerance)."""
 
@@ -442,6 +447,7 @@ class ChartQATask(Task):
 @register_task("docvqa")
 @register_task("infovqa")
 class DocumentVQATask(Task):
+    metric = "anls"
     """DocVQA / InfographicVQA: `question`, `answers` (list), image from `image` /
     `image_local_name`; ANLS."""
 
@@ -461,6 +467,7 @@ class DocumentVQATask(Task):
 
 @register_task("gsm8k")
 class GSM8KTask(Task):
+    metric = "accuracy"
     """GSM8K (text only): `question`, `answer` (the reference solution ending in `#### <number>`);
     accuracy of the final number of the model's solution."""
 
@@ -549,10 +556,15 @@ class DemoPositionTask(DemoTask):
 
 @register_task("demo_describe")
 class DemoDescribeTask(DemoTask):
-    """Synthetic image descriptions: exact match, plus token-level F1 as `token_f1`."""
+    """Synthetic image descriptions: token-level F1 (a description is seldom word for word), plus
+    exact match as `exact_match`."""
 
     question_type = "describe"
-    extra_metrics = ("token_f1",)
+    metric = "token_f1"
+    extra_metrics = ("exact_match",)
+
+    def score(self, row: Row, prediction: str) -> float:
+        return metrics.token_f1(prediction, row["answer"])
 
     def details(self, row: Row, prediction: str) -> dict[str, Any]:
-        return {"token_f1": metrics.token_f1(prediction, row["answer"])}
+        return {"exact_match": metrics.exact_match(prediction, row["answer"])}

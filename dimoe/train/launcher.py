@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 
 from dimoe.config.loader import ConfigError
 from dimoe.config.train import TrainConfig
+from dimoe.io import write_json
 
 STAGE_ORDER = ("stage0_naive", "stage1_align", "stage2_full", "stage3_lownfe")
+CONFIG_FILE = "train_config.json"
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def run_stage(
     validate_before_launch(cfg)
     ensure_ray(address)
     stage_dir = Path(cfg.output_dir) / cfg.stage
+    # The resolved config (defaults, bases and overrides applied): what produced this stage's weights.
+    write_json(stage_dir / CONFIG_FILE, cfg.model_dump(mode="json"))
     trainer = _torch_trainer(cfg, stage_dir, callbacks)
     with StageWatch(stage_dir / "logs", cfg.stage, cfg.max_steps, enabled=progress) as watch:
         metrics = trainer.fit().metrics or {}

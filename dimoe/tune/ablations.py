@@ -24,7 +24,8 @@ from dimoe.config.tune import TuneConfig
 from dimoe.io import read_json, write_json
 
 RESULT_COLUMNS = (
-    "variant", "seed", "status", "accuracy_best", "accuracy_fast", "nfe_best", "nfe_fast",
+    "variant", "seed", "status", "accuracy_best", "accuracy_fast", "describe_f1_best", "describe_f1_fast",
+    "nfe_best", "nfe_fast",
     "A_routing_js", "B_topk_jaccard", "C_nmi_modality", "C_nmi_t_bucket", "D_zero_supervision",
     "E_vision_grad_ratio", "F_expert_grad_cv", "train_steps", "error",
 )  # fmt: skip
@@ -94,8 +95,12 @@ def run_trial(config: dict[str, Any]) -> None:
     tune.report(row)
 
 
+DESCRIBE_TASK = "demo_describe"  # scored by token F1: reported apart from the VQA accuracy
+
+
 def evaluate_trial(cfg: TuneConfig, checkpoint: Path, out_dir: Path) -> dict[str, float]:
-    """Mean score over the evaluated tasks and mean NFE, per preset."""
+    """Per preset: the mean exact match of the VQA tasks (`accuracy_*`), the description task's
+    token F1 (`describe_f1_*`), the mean NFE, and every task's own score."""
     from dimoe.eval.runner import run_eval
 
     eval_cfg = load_config(cfg.eval.config, EvalConfig, cfg.eval.set)
@@ -109,11 +114,16 @@ def evaluate_trial(cfg: TuneConfig, checkpoint: Path, out_dir: Path) -> dict[str
             eval_cfg, suite, preset, checkpoint, out_dir / preset,
             overrides=cfg.eval.decode, batch_size=cfg.eval.batch_size,
         )  # fmt: skip
-        scored = [task for task in result["tasks"].values() if "score" in task]
-        if not scored:
-            raise RuntimeError(f"no task of suite {suite!r} was evaluated (missing data?): {result['tasks']}")
-        out[f"accuracy_{preset}"] = sum(task["score"] for task in scored) / len(scored)
-        out[f"nfe_{preset}"] = sum(task["mean_nfe"] for task in scored) / len(scored)
+        scored = {name: task for name, task in result["tasks"].items() if "score" in task}
+        vqa = [task for name, task in scored.items() if name != DESCRIBE_TASK]
+        if not vqa:
+            raise RuntimeError(
+                f"no VQA task of suite {suite!r} was evaluated (missing data?): {result['tasks']}"
+            )
+        out[f"accuracy_{preset}"] = sum(task["score"] for task in vqa) / len(vqa)
+        if DESCRIBE_TASK in scored:
+            out[f"describe_f1_{preset}"] = scored[DESCRIBE_TASK]["score"]
+        out[f"nfe_{preset}"] = sum(task["mean_nfe"] for task in scored.values()) / len(scored)
         for name, task in result["tasks"].items():
             if "score" in task:
                 out[f"{preset}/{name}"] = task["score"]
@@ -219,8 +229,42 @@ def write_results(rows: list[dict[str, Any]], root: Path) -> dict[str, str]:
     errors = [f"- {row['variant']} (seed {row['seed']}): {row['error']}" for row in rows if row.get("error")]
     if errors:
         lines += ["", "Failed trials:", *errors]
+    lines += ["", "Mean ± std over seeds:", "", *seed_summary(rows)]
     md_path.write_text("\n".join(lines) + "\n")
     return {"csv": str(csv_path), "markdown": str(md_path)}
+
+
+SUMMARY_COLUMNS = ("accuracy_best", "accuracy_fast", "describe_f1_best", "D_zero_supervision",
+                   "A_routing_js", "B_topk_jaccard", "E_vision_grad_ratio", "F_expert_grad_cv")  # fmt: skip
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table: per variant, the seeds that finished and mean ± std (sample std, n - 1) of
+    the headline columns over them."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            by_variant.setdefault(row["variant"], []).append(row)
+    lines = [
+        "| variant | seeds | " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|" + "---|" * (len(SUMMARY_COLUMNS) + 2),
+    ]
+    for variant, group in by_variant.items():
+        cells = [mean_std([row.get(column) for row in group]) for column in SUMMARY_COLUMNS]
+        lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def mean_std(values: list[Any]) -> str:
+    """`mean ± std` of the finite values (`mean` alone for one value, `–` for none)."""
+    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not finite:
+        return "–"
+    mean = sum(finite) / len(finite)
+    if len(finite) == 1:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def _cell(value: Any) -> str:

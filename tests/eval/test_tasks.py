@@ -139,18 +139,19 @@ def test_demo_task_without_rows_of_its_type_names_the_types_found(demo_data: Pat
         get_task("demo_vqa_colour").load(demo_data / "eval/describe_test.jsonl")
 
 
-def test_demo_describe_reports_exact_match_and_token_f1(demo_data: Path) -> None:
+def test_demo_describe_scores_token_f1_and_reports_exact_match(demo_data: Path) -> None:
     rows = get_task("demo_describe").load(demo_data / "eval/describe_test.jsonl")
     predictions = [{"id": "d0", "prediction": "A red circle."}, {"id": "d1", "prediction": "a red square"}]
     per_row, summary = score_predictions("demo_describe", predictions, rows)
-    assert [r["score"] for r in per_row] == [1.0, 0.0]
     # d1: "red square" vs "blue square": overlap 1, P = R = 1/2.
-    assert [r["token_f1"] for r in per_row] == pytest.approx([1.0, 0.5])
+    assert [r["score"] for r in per_row] == pytest.approx([1.0, 0.5])
+    assert [r["exact_match"] for r in per_row] == [1.0, 0.0]
+    assert get_task("demo_describe").metric == "token_f1"
     assert summary == {
         "task": "demo_describe",
         "n": 2,
-        "score": 0.5,
-        "token_f1": pytest.approx(0.75),
+        "score": pytest.approx(0.75),
+        "exact_match": 0.5,
         "n_gold_without_prediction": 0,
     }
 

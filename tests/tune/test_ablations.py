@@ -14,7 +14,7 @@ from dimoe.config.model import ModelConfig
 from dimoe.config.tune import TuneConfig
 from dimoe.eval.paper import export_paper_tables
 from dimoe.tune import run_grid
-from dimoe.tune.ablations import RESULT_COLUMNS, validate_grid
+from dimoe.tune.ablations import RESULT_COLUMNS, mean_std, seed_summary, validate_grid
 from tests.train.blends import COLOURS, write_blends
 
 QUESTION_TYPES = ("colour", "shape", "count", "position")
@@ -57,8 +57,8 @@ def grid_config(ray_cluster, tokenizer, tmp_path_factory) -> TuneConfig:
     cfg = load_config(
         "configs/tune/ablations.yaml",
         TuneConfig,
-        [f"storage_path={root / 'tune'}", "eval.decode.gen_length=32", "eval.decode.block_length=32",
-         f"eval.set=[data_root={root / 'demo'}]", "eval.batch_size=16"],
+        [f"storage_path={root / 'tune'}", "seeds=[0]", "eval.decode.gen_length=32",
+         "eval.decode.block_length=32", f"eval.set=[data_root={root / 'demo'}]", "eval.batch_size=16"],
     )  # fmt: skip
     variants = {
         **{name: cfg.variants[name] for name in ("naive", "full")},
@@ -143,3 +143,18 @@ def test_every_shipped_variant_resolves_to_valid_stage_configs():
     every = cfg.selected(list(cfg.groups))
     assert {"res_384", "res_768"} <= set(every)
     validate_grid(cfg, every)
+
+
+def test_seed_summary_gives_mean_and_sample_std_per_variant():
+    rows = [
+        {"variant": "full", "seed": 0, "status": "ok", "accuracy_best": 0.8, "D_zero_supervision": 0.0},
+        {"variant": "full", "seed": 1, "status": "ok", "accuracy_best": 0.9, "D_zero_supervision": 0.0},
+        {"variant": "full", "seed": 2, "status": "error"},
+        {"variant": "naive", "seed": 0, "status": "ok", "accuracy_best": 0.5},
+    ]
+    lines = seed_summary(rows)
+    full = next(line for line in lines if line.startswith("| full |"))
+    # mean 0.85, sample std sqrt(((0.05)^2 * 2) / 1) = 0.0707; the failed seed is left out
+    assert full.startswith("| full | 2 | 0.850 ± 0.071 |") and "| 0.000 ± 0.000 |" in full
+    assert lines[-1].startswith("| naive | 1 | 0.500 | – |")
+    assert mean_std([None, float("nan")]) == "–"
