@@ -62,15 +62,17 @@ class Proposal:
         t = self.nodes[cell - 1] + share * (self.nodes[cell] - self.nodes[cell - 1])
         return t.float().to(generator.device)
 
+    def _ratio(self, t: torch.Tensor) -> torch.Tensor:
+        """u(t) / q(t), u the uniform density of the band; Float64."""
+        return (1.0 / (self.t_max - self.t_min)) / self.density(t)
+
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """The importance weight u(t) / q(t) of each t, clamped at `max_is_weight`; Float32."""
-        uniform = 1.0 / (self.t_max - self.t_min)
-        return (uniform / self.density(t)).clamp(max=self.max_is_weight).float().to(t.device)
+        return self._ratio(t).clamp(max=self.max_is_weight).float().to(t.device)
 
     def clamped_fraction(self) -> float:
         """The probability under q of a weight the clamp lowers (0: the estimate is unbiased)."""
-        mids = (self.nodes[1:] + self.nodes[:-1]) / 2
-        clamped = (1.0 / (self.t_max - self.t_min)) / self.density(mids) > self.max_is_weight
+        clamped = self._ratio((self.nodes[1:] + self.nodes[:-1]) / 2) > self.max_is_weight
         return float(((self.cdf[1:] - self.cdf[:-1]) * clamped).sum())
 
 
@@ -121,7 +123,8 @@ def fit_proposal(
     if p_model == "smoothed":
         fitted = _interpolate(grid.double(), _smooth(shape.double(), smoothing), mids)
     else:
-        fitted = _beta_density(grid.double(), shape.double(), (mids - t_min) / (t_max - t_min))
+        band = t_max - t_min
+        fitted = _beta_density((grid.double() - t_min) / band, shape.double(), (mids - t_min) / band)
     fitted = fitted.clamp(min=0)
     total = fitted.sum()
     fitted = fitted / total if total > 0 else torch.full_like(mids, 1.0 / len(mids))
@@ -145,9 +148,9 @@ def _interpolate(grid: torch.Tensor, values: torch.Tensor, at: torch.Tensor) -> 
     return values[cell - 1] + share * (values[cell] - values[cell - 1])
 
 
-def _beta_density(grid: torch.Tensor, shape: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Beta(α, β) on s in (0, 1), by the method of moments of `shape` read as a density on `grid`."""
-    s_grid = (grid - grid.min()) / (grid.max() - grid.min()).clamp(min=1e-12)
+def _beta_density(s_grid: torch.Tensor, shape: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Beta(α, β) on s in (0, 1), by the method of moments of `shape` read as a density on
+    `s_grid` (the grid as positions in the band, like `s`)."""
     s_grid = s_grid.clamp(1e-3, 1 - 1e-3)
     weights = shape / shape.sum()
     mean = (weights * s_grid).sum()
