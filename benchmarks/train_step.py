@@ -1,6 +1,9 @@
 """Training-step throughput of the tiny model on 2 Ray Train workers (CPU, DeepSpeed):
-complementary views versus a single view, ZeRO-0 versus ZeRO-2, and the MoE layer's grouped-GEMM
-expert dispatch versus its per-expert loop (`moe_dispatch`, same results). Prints one table.
+complementary views versus a single view, ZeRO-0 versus ZeRO-2, the MoE layer's grouped-GEMM
+expert dispatch versus its per-expert loop (`moe_dispatch`, same results), and the scale toolkit:
+full training versus LoRA versus gradient checkpointing. Prints one table: tokens/s, the peak
+memory of rank 0 (its process's peak resident set on CPU, peak CUDA allocation on a GPU) and the
+mean training loss of the last logged steps beside each.
 
 Needs a blend (run `dimoe data synth` → `normalize` → `build-stage-blends` first, or `make demo`):
 
@@ -34,6 +37,19 @@ VARIANTS = {
         ["diffusion.views=complementary", "deepspeed.zero_stage=2"],
         "loop",
     ),
+    "LoRA r=8 (attention + experts), ZeRO-2": (
+        [
+            "diffusion.views=complementary",
+            "deepspeed.zero_stage=2",
+            "lora={r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, experts.gate_up_proj, "
+            "experts.down_proj]}",
+        ],
+        "auto",
+    ),
+    "gradient checkpointing, ZeRO-2": (
+        ["diffusion.views=complementary", "deepspeed.zero_stage=2", "gradient_checkpointing=true"],
+        "auto",
+    ),
 }
 
 
@@ -58,6 +74,7 @@ def measure(overrides: list[str], dispatch: str, args: argparse.Namespace, out: 
             "init_from=null",
             "requires_init=false",
             f"max_steps={args.steps}",
+            f"batch_size={args.batch_size}",
             "log_every=5",
             f"checkpoint.every_steps={10**6}",
             *overrides,
@@ -70,6 +87,8 @@ def measure(overrides: list[str], dispatch: str, args: argparse.Namespace, out: 
         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in steady),
         "samples_per_step": records[-1]["samples"] * 2,
         "supervised_tokens": statistics.mean(r["masked_tokens"] for r in steady),
+        "peak_memory_mb": records[-1]["peak_memory_mb"],
+        "final_loss": statistics.mean(r["loss"] for r in records[-3:]),
     }
 
 
@@ -78,6 +97,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="artifacts/data/v1")
     parser.add_argument("--tokenizer", default="artifacts/data/demo/tokenizer")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per worker per step")
+    parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -85,13 +106,18 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, (overrides, dispatch)) in enumerate(VARIANTS.items()):
-            rows[name] = measure(overrides, dispatch, args, Path(tmp) / str(i))
+            if not args.only or name in args.only or i == 0:  # the first is every ratio's base
+                rows[name] = measure(overrides, dispatch, args, Path(tmp) / str(i))
     base = rows["single view, ZeRO-2"]["tokens_per_s"]
     print(f"load average after: {os.getloadavg()}")
-    print(f"\n{'variant':<38}{'tokens/s':>10}{'vs single':>11}{'supervised tok/step':>21}")
+    header = f"{'variant':<42}{'tokens/s':>10}{'vs single':>11}{'supervised tok/step':>21}"
+    print(f"\n{header}{'peak MB':>10}{'final loss':>12}")
     for name, r in rows.items():
         ratio = r["tokens_per_s"] / base
-        print(f"{name:<38}{r['tokens_per_s']:>10.0f}{ratio:>10.2f}x{r['supervised_tokens']:>21.0f}")
+        print(
+            f"{name:<42}{r['tokens_per_s']:>10.0f}{ratio:>10.2f}x{r['supervised_tokens']:>21.0f}"
+            f"{r['peak_memory_mb']:>10.0f}{r['final_loss']:>12.3f}"
+        )
     ray.shutdown()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from dimoe.config.base import StrictModel
+from dimoe.config.train import TrackingSpec
 
 
 class TaskData(StrictModel):
@@ -19,6 +20,7 @@ class EvalConfig(StrictModel):
     data_root: str = "artifacts/data/demo"
     suites: dict[str, list[str]] = Field(default_factory=dict)
     tasks: dict[str, TaskData] = Field(default_factory=dict)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # a run's scores to MLflow / W&B
 
     @model_validator(mode="after")
     def _suites_name_known_tasks(self) -> EvalConfig:

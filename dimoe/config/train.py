@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from dimoe.config.base import StrictModel
 
 GROUPS = ("vision", "projector", "backbone", "router")
+# What LoRA can adapt in the backbone: its nn.Linear layers, and the fused expert weights.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "experts.gate_up_proj", "experts.down_proj")  # fmt: skip
 
 
 class GroupSpec(StrictModel):
@@ -17,9 +20,15 @@ class GroupSpec(StrictModel):
 
 
 class OptimizerSpec(StrictModel):
+    """AdamW for every group, or Muon (docs/design.md §4): Muon for the backbone's hidden weight
+    matrices (attention, experts, dense and shared MLPs), AdamW with these settings for the rest."""
+
+    name: Literal["adamw", "muon"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
     eps: float = 1e-8
+    muon_lr: float = Field(0.02, gt=0)  # Muon's step size (its update is orthogonalised, not Adam-scaled)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
 
 
 class ScheduleSpec(StrictModel):
@@ -112,7 +121,62 @@ class ScalingSpec(StrictModel):
 
 class CheckpointSpec(StrictModel):
     every_steps: int = Field(50, ge=1)
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1)  # with validation on: the `keep` of lowest held-out loss, else the latest
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapters through peft (docs/design.md §4). `target_modules` names nn.Linear layers
+    (q_proj, k_proj, v_proj, o_proj; gate_proj, up_proj, down_proj of dense and shared MLPs) and
+    the fused expert weights `experts.gate_up_proj` / `experts.down_proj` (peft's
+    target_parameters, one rank-r pair per expert)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # peft refuses dropout on the fused expert weights
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> LoraSpec:
+        unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
+        if unknown or not self.target_modules:
+            raise ValueError(
+                f"lora.target_modules: unknown {unknown or 'empty list'}; "
+                f"choose from {', '.join(LORA_TARGETS)}"
+            )
+        return self
+
+
+class ValidationSpec(StrictModel):
+    """Held-out loss during training (docs/design.md §4): `fraction` of the blend's rows, chosen by
+    a hash of each row's `origin`, never train; every `every_steps` the loss on (at most
+    `max_rows` of) them at a fixed t grid with fixed masks."""
+
+    every_steps: int = Field(0, ge=0)  # 0: off
+    fraction: float = Field(0.05, gt=0, lt=1)
+    max_rows: int = Field(64, ge=1)
+    t_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    decode_rows: int = Field(0, ge=0)  # > 0: also exact match of a quick greedy decode on these rows
+    decode_steps: int = Field(8, ge=1)
+
+
+class TrackingSpec(StrictModel):
+    """Experiment tracking through Ray's MLflow / W&B integrations (docs/design.md §8)."""
+
+    backend: Literal["none", "mlflow", "wandb"] = "none"
+    # mlflow: a tracking URI (server or file:); default a file store at <output_dir>/mlruns
+    tracking_uri: str | None = None
+    experiment: str = "dimoe"
+    project: str = "dimoe"  # wandb; offline mode when WANDB_API_KEY is not set
+
+
+class ProfileSpec(StrictModel):
+    """Profiling and health (docs/design.md §8); NVTX and CUDA memory are no-ops on CPU."""
+
+    nvtx: bool = False  # or DIMOE_NVTX=1
+    trace_steps: int = Field(0, ge=0)  # a torch.profiler trace of this many steps (0: none)
+    trace_start: int = Field(2, ge=0)  # after this many steps (warm-up)
+    cuda_memory_snapshot: bool = False  # record CUDA allocations and dump a snapshot at the end
+    norms: bool = True  # activation and weight norms per layer group at log steps
 
 
 class TrainConfig(StrictModel):
@@ -139,6 +203,11 @@ class TrainConfig(StrictModel):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    lora: LoraSpec | None = None  # LoRA on the backbone (its base weights frozen); None: full training
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
     max_failures: int = Field(1, ge=0)
     log_every: int = Field(10, ge=1)
     seed: int = 0

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from dimoe.config.base import StrictModel
+from dimoe.config.train import TrackingSpec
 
 
 class VariantSpec(StrictModel):
@@ -41,6 +42,7 @@ class TuneConfig(StrictModel):
     max_concurrent_trials: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)  # retries of a failed trial (it resumes from its checkpoints)
     eval: TrialEvalSpec = Field(default_factory=TrialEvalSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # each trial's config and results
 
     @model_validator(mode="after")
     def _known_names(self) -> TuneConfig:

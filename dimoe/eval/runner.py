@@ -40,6 +40,7 @@ import numpy as np
 
 from dimoe.config.eval import EvalConfig, TaskData
 from dimoe.config.infer import DecodeSettings, InferConfig
+from dimoe.config.train import TrackingSpec
 from dimoe.errors import UserError
 from dimoe.eval.endpoint import Endpoint
 from dimoe.eval.scoring import score_predictions, write_scores
@@ -471,6 +472,7 @@ def run_eval(
                 prepared, outputs, out_dir, plan.identities[name], plan.settings[name], preset, active_b
             )
             scores = write_scores_file()
+    track_scores(config.tracking, out_dir, scores)
     return {
         **scores,
         "out_dir": str(out_dir),
@@ -478,6 +480,22 @@ def run_eval(
         "reused": plan.reused,
         "skipped": [name for name in names if plan.entries[name]["status"] == "skipped"],
     }
+
+
+def track_scores(spec: TrackingSpec, out_dir: Path, scores: dict[str, Any]) -> None:
+    """The run's settings, every task's score and mean NFE, and scores.json, to MLflow / W&B."""
+    if spec.backend == "none":
+        return
+    from dimoe.telemetry.tracking import Tracker
+
+    params = {key: value for key, value in scores.items() if key != "tasks"}
+    tracker = Tracker(spec, out_dir, f"eval-{scores['suite']}-{scores['preset']}", params)
+    done = {name: task for name, task in scores["tasks"].items() if "score" in task}
+    tracker.log_metrics(
+        {f"{name}/{key}": task[key] for name, task in done.items() for key in ("score", "mean_nfe")}
+    )
+    tracker.log_artifacts(out_dir / SCORES_FILE)
+    tracker.finish()
 
 
 def score_file(

@@ -59,6 +59,7 @@ from dimoe.infer.inputs import (
 from dimoe.model.build import load_checkpoint
 from dimoe.model.modeling import BlockCache, DiMoEVLModel, PrefixCache
 from dimoe.model.processor import ImageProcessor
+from dimoe.telemetry.profiling import nvtx_enabled, nvtx_range
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ModelLogits:
         self.model = model
         self.prompt = batch.input_ids
         self.cache = cache
+        self.nvtx = nvtx_enabled()
         prompt_real = batch.attention_mask.bool()
         has_image = (batch.input_ids == model.config.image_token_id).any(dim=1)
         self.features = model.encode_images(batch.pixel_values) if bool(has_image.any()) else None
@@ -116,9 +118,10 @@ class ModelLogits:
         self._block: tuple[torch.Tensor, BlockCache] | None = None
 
     def __call__(self, tokens: torch.Tensor, rows: torch.Tensor, window: slice) -> torch.Tensor:
-        if self.cache == "block":
-            return self.block(tokens, rows, window)
-        return self.forward(tokens, rows, window)[0]
+        with nvtx_range("decode_step", self.nvtx):  # one denoising forward (DIMOE_NVTX=1, CUDA)
+            if self.cache == "block":
+                return self.block(tokens, rows, window)
+            return self.forward(tokens, rows, window)[0]
 
     def _features(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """Features of the rows of `tokens` that hold image tokens (none when CFG masked them)."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
@@ -73,8 +74,10 @@ class DiMoEOutput(ModelOutput):
     prefix_cache: PrefixCache | None = None
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention then FFN: the MoE block, or one dense SwiGLU in `config.dense_layers`."""
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm attention then FFN: the MoE block, or one dense SwiGLU in `config.dense_layers`.
+    Under `gradient_checkpointing_enable()` a training forward keeps only the layer's input and
+    recomputes the rest in the backward (transformers' GradientCheckpointingLayer)."""
 
     def __init__(self, config: DiMoEConfig, index: int) -> None:
         super().__init__()
@@ -126,7 +129,7 @@ class DiMoEPreTrainedModel(PreTrainedModel):
     config_class = DiMoEConfig
     base_model_prefix = "dimoe"
     _no_split_modules = ["DecoderLayer"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -96,9 +96,12 @@ def blend_rows(cfg: TrainConfig) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in blend_dir(cfg).glob("*.parquet"))
 
 
+TRAINING_COLUMNS = ["input_ids", "prompt_length", "image"]
+
+
 def read_blend(cfg: TrainConfig) -> Any:
     """The stage's blend as a Ray Dataset of the columns training reads (input_ids, prompt_length,
-    image), from Parquet or from WebDataset shards."""
+    image), from Parquet or from WebDataset shards, with `origin` too where the blend has it."""
     import ray.data
 
     from dimoe.data.wds import training_row
@@ -106,9 +109,28 @@ def read_blend(cfg: TrainConfig) -> Any:
     if cfg.data.format == "webdataset":
         shards = ray.data.read_webdataset(str(blend_dir(cfg)), decoder=None, file_extensions=["tar"])
         return shards.map(training_row)
+    files = sorted(blend_dir(cfg).glob("*.parquet"))
+    has_origin = bool(files) and "origin" in pq.read_schema(files[0]).names
     return ray.data.read_parquet(str(blend_dir(cfg)), file_extensions=["parquet"]).select_columns(
-        ["input_ids", "prompt_length", "image"]
+        TRAINING_COLUMNS + (["origin"] if has_origin else [])
     )
+
+
+def training_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """`train`, and with validation on, the held-out rows as `validation` (docs/design.md §4)."""
+    from dimoe.train.validation import DATASET, split_blend
+
+    dataset = read_blend(cfg)
+    if not cfg.validation.every_steps:
+        return {"train": dataset.select_columns(TRAINING_COLUMNS)}
+    train, heldout = split_blend(dataset, cfg.validation.fraction, TRAINING_COLUMNS)
+    heldout = heldout.limit(cfg.validation.max_rows).materialize()
+    if heldout.count() == 0:
+        raise ConfigError(
+            f"{cfg.stage}: validation.fraction {cfg.validation.fraction} holds out no row of blend "
+            f"{cfg.data.blend!r}; raise validation.fraction or build a larger blend"
+        )
+    return {"train": train, DATASET: heldout}
 
 
 def run_stage(
@@ -143,16 +165,18 @@ def _torch_trainer(cfg: TrainConfig, stage_dir: Path, callbacks: list | None) ->
     """A TorchTrainer of `train_loop_per_worker` over the stage's blend, checkpointing under
     `stage_dir/checkpoints` (a fixed run name: re-running the same command resumes, Train V2)."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dimoe.train.loop import train_loop_per_worker
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = read_blend(cfg)
     # Ray Data's own bars follow the streaming split that feeds the workers for the whole stage: they
     # tell nothing the stage's progress does not, and leave debris in logs that are not a terminal.
-    dataset.context.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = training_datasets(cfg)
+    # With validation on, the kept checkpoints are those of lowest held-out loss.
+    ranked = {"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
@@ -165,10 +189,14 @@ def _torch_trainer(cfg: TrainConfig, stage_dir: Path, callbacks: list | None) ->
             storage_path=str(stage_dir),
             name="checkpoints",
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep, **(ranked if cfg.validation.every_steps else {})
+            ),
             callbacks=callbacks or None,
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
+        # every worker reads all held-out rows (the same scores on every rank)
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 

@@ -26,13 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from dimoe.config.train import GROUPS, TrainConfig
+from dimoe.config.train import TrainConfig
 from dimoe.diffusion.ppots import Proposal
 from dimoe.io import append_jsonl, read_json, write_json
+from dimoe.telemetry import profiling
+from dimoe.telemetry.tracking import Tracker
 from dimoe.train.batch import TrainBatch, collate, length_grouped
+from dimoe.train.engine import build_engine
 from dimoe.train.objective import StepOutput, estimate_proposal, training_step
-from dimoe.train.schedule import lr_multiplier
 from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
+from dimoe.train.validation import DATASET as VALIDATION_DATASET
+from dimoe.train.validation import Validator
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
@@ -73,58 +77,17 @@ def load_initial_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     return build_model(load_config(cfg.model, ModelConfig), tokenizer, seed=cfg.seed).train(), tokenizer
 
 
-def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One optimizer group per trained parameter group; frozen groups get requires_grad=False and
-    are left out of the optimizer entirely (no Adam state)."""
-    groups = []
-    for name, members in model.parameter_groups().items():
-        spec = cfg.group(name)
-        for _, param in members:
-            param.requires_grad_(spec.train)
-        if spec.train and members:
-            groups.append({"params": [p for _, p in members], "lr": spec.lr, "name": name})
-    return groups
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Gradient checkpointing per decoder layer and LoRA adapters, as the config asks."""
+    from dimoe.train.lora import apply_lora
 
-
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a stage, with `deepspeed.extra` merged over it (dicts key by key)."""
-    base_lr = max((cfg.group(g).lr for g in GROUPS if cfg.group(g).train), default=1e-4)
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.deepspeed.bf16},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": base_lr,
-                "betas": list(cfg.optimizer.betas),
-                "eps": cfg.optimizer.eps,
-                "weight_decay": cfg.optimizer.weight_decay,
-                # DeepSpeed's fused Adam needs CUDA; torch's AdamW runs everywhere.
-                "torch_adam": not cfg.scaling.use_gpu,
-            },
-        },
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    for key, value in cfg.deepspeed.extra.items():
-        ds[key] = {**ds[key], **value} if isinstance(value, dict) and isinstance(ds.get(key), dict) else value
-    return ds
-
-
-def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> Any:
-    """The DeepSpeed engine: per-group learning rates, each scaled by the stage's LR schedule."""
-    import deepspeed  # imported in the worker: importing it on the driver can fail on some installs
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=optimizer_groups(model, cfg),
-        config=deepspeed_config(cfg),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg)),
-    )
-    return engine
+    if cfg.gradient_checkpointing:
+        # activation_checkpointing_enable is transformers' newer name (gradient_… is deprecated)
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()
+    return apply_lora(model, cfg.lora) if cfg.lora is not None else model
 
 
 class Trainer:
@@ -142,8 +105,10 @@ class Trainer:
         self.stage_dir = Path(cfg.output_dir) / cfg.stage
         torch.manual_seed(cfg.seed)
         model, self.tokenizer = load_initial_model(cfg)
-        self.engine = build_engine(cfg, model)
-        hf = self.model_config = self.engine.module.config
+        self.engine = build_engine(cfg, prepare_model(model, cfg))
+        # The DiMoE-VL model itself (under LoRA, inside peft's wrapper: its layers carry the adapters).
+        self.base = model
+        hf = self.model_config = model.config
         self.prior = RouterPriorEMA(hf.num_moe_layers, hf.num_experts, cfg.losses.prior_momentum)
         self.processor = ImageProcessor(hf.image_size) if hf.vision_config else None
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
@@ -155,6 +120,26 @@ class Trainer:
         self.shard = ray.train.get_dataset_shard("train")
         self.step = self.last_checkpoint_step = 0
         self.proposal: Proposal | None = None  # P-POTS's sampler of t (timesteps.kind ppots)
+        self.validator = None
+        if cfg.validation.every_steps:
+            self.validator = Validator(cfg, ray.train.get_dataset_shard(VALIDATION_DATASET), self.to_batch)
+        self.setup_profiling()
+
+    def setup_profiling(self) -> None:
+        """NVTX ranges, the profiler trace and CUDA memory history (docs/design.md §8); and the
+        tracker on rank 0 (docs/design.md §8)."""
+        spec = self.cfg.profile
+        self.nvtx = profiling.nvtx_enabled(spec.nvtx)
+        if self.nvtx:
+            profiling.add_router_ranges(self.base)
+        self.trace = profiling.StepTrace(
+            self.stage_dir / "profile", self.rank, spec.trace_start, spec.trace_steps
+        )
+        profiling.start_memory_history(spec.cuda_memory_snapshot)
+        self.tracker = None
+        if self.rank == 0:
+            params = self.cfg.model_dump(mode="json")
+            self.tracker = Tracker(self.cfg.tracking, Path(self.cfg.output_dir), self.cfg.stage, params)
 
     # -- resume ----------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -175,25 +160,54 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> None:
-        """Step until `max_steps`; checkpoint every `checkpoint.every_steps` and at the end."""
+        """Step until `max_steps`; checkpoint every `checkpoint.every_steps` and at the end, or with
+        validation on, at every validation (each checkpoint then carries its own held-out loss)."""
         cfg = self.cfg
         # Seeded with the resume step, so a resumed run does not replay the masks it already drew.
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank * 7919 + self.step)
-        step_log = StepLog(cfg, self.stage_dir / "logs") if self.rank == 0 else None
+        step_log = StepLog(cfg, self.stage_dir / "logs", self.tracker) if self.rank == 0 else None
         metrics: dict[str, float] = {}
         for rows in self.batches():
             self.inject_failure_if_due()
             self.refresh_proposal_if_due(rows)
-            log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
-            out, grads = self.train_step(rows, log_step)
+            validate = self.validator is not None and self.validator.due(self.step)
+            log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps or validate
+            with profiling.activation_norms(
+                self.base, log_step and cfg.profile.norms and step_log is not None
+            ) as norms:
+                out, grads = self.train_step(rows, log_step)
+            self.trace.step(self.step)
             metrics = out.metrics
+            if validate:
+                metrics.update(self.validation_scores())
             if step_log is not None:
                 step_log.count_tokens(metrics["tokens"] * self.world)
                 if log_step:
-                    step_log.write(self.step, out, grads, self.engine)
-            if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.max_steps:
+                    step_log.write(self.step, out, grads, self.engine, self.health(norms))
+            checkpoint_due = validate if self.validator else self.step % cfg.checkpoint.every_steps == 0
+            if checkpoint_due and self.step < cfg.max_steps:
                 self.save_checkpoint(metrics)
+        if self.validator is not None and "val_loss" not in metrics:  # a resume past the last step
+            metrics.update(self.validation_scores())
+        self.trace.finish()
         self.save_checkpoint(metrics)
+
+    def validation_scores(self) -> dict[str, float]:
+        with profiling.nvtx_range("validation", self.nvtx):
+            return self.validator.scores(
+                self.engine.module, mask_token_id=self.model_config.mask_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )  # fmt: skip
+
+    def health(self, activation_rms: dict[str, float]) -> dict[str, Any]:
+        """Activation RMS and weight norms per layer group (rank 0, log steps), and peak memory.
+        Weight norms are left out under ZeRO-3, where a rank holds only a partition of each."""
+        out: dict[str, Any] = {"peak_memory_mb": profiling.peak_memory_mb()}
+        if self.cfg.profile.norms:
+            out["activation_rms"] = activation_rms
+            if self.cfg.deepspeed.zero_stage < 3:
+                out["weight_norm"] = profiling.weight_norms(self.base)
+        return out
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         """This worker's rows, one batch at a time, pass after pass over its shard until `max_steps`.
@@ -236,7 +250,7 @@ class Trainer:
             return
         proposal, estimate = estimate_proposal(
             self.engine, self.cfg, self.to_batch(rows), self.generator,
-            mask_token_id=self.model_config.mask_token_id, encode_images=self.engine.module.encode_images,
+            mask_token_id=self.model_config.mask_token_id, encode_images=self.base.encode_images,
         )  # fmt: skip
         cdf = proposal.cdf.to(self.engine.device)
         if self.world > 1:
@@ -252,23 +266,26 @@ class Trainer:
         the gradient norms by component."""
         from deepspeed.utils import safe_get_full_grad
 
-        out = training_step(
-            self.engine,
-            self.cfg,
-            self.to_batch(rows),
-            self.generator,
-            self.prior,
-            mask_token_id=self.model_config.mask_token_id,
-            encode_images=self.engine.module.encode_images,
-            collect_routing=log_step and self.rank == 0,
-            blank_image=self.blank_image,
-            proposal=self.proposal,
-        )
+        with profiling.nvtx_range("forward", self.nvtx):
+            out = training_step(
+                self.engine,
+                self.cfg,
+                self.to_batch(rows),
+                self.generator,
+                self.prior,
+                mask_token_id=self.model_config.mask_token_id,
+                encode_images=self.base.encode_images,
+                collect_routing=log_step and self.rank == 0,
+                blank_image=self.blank_image,
+                proposal=self.proposal,
+            )
         self.check_finite(out.metrics["loss"])
-        self.engine.backward(out.loss)
+        with profiling.nvtx_range("backward", self.nvtx):
+            self.engine.backward(out.loss)
         # Between backward and step, which clears the gradients; on every rank (ZeRO-3 gathers).
-        grads = gradient_stats(self.engine.module, safe_get_full_grad) if log_step else None
-        self.engine.step()
+        grads = gradient_stats(self.base, safe_get_full_grad) if log_step else None
+        with profiling.nvtx_range("optimizer", self.nvtx):
+            self.engine.step()
         self.step += 1
         return out, grads
 
@@ -310,25 +327,37 @@ class Trainer:
         self.last_checkpoint_step = self.step
 
     def export(self) -> None:
-        """HF-format export (config.json, model.safetensors, tokenizer) of the final weights."""
+        """HF-format export (config.json, model.safetensors, tokenizer) of the final weights; under
+        LoRA also peft's adapter folder, and `final/` holds the merged weights. Then the tracker
+        gets the logs and the resolved config, and a CUDA memory snapshot is dumped if asked."""
         import deepspeed
 
         from dimoe.model.build import save_checkpoint
+        from dimoe.train.lora import export_lora
 
         params = list(self.engine.module.parameters())
         # Under ZeRO-3 the weights are partitioned: gather them on every rank, save on rank 0.
         zero3 = self.cfg.deepspeed.zero_stage == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
-            if self.rank == 0:
-                save_checkpoint(self.engine.module, self.tokenizer, self.stage_dir / "final")
+            if self.rank == 0 and self.cfg.lora is not None:
+                export_lora(self.engine.module, self.tokenizer, self.stage_dir)
+            elif self.rank == 0:
+                save_checkpoint(self.base, self.tokenizer, self.stage_dir / "final")
+        snapshot = self.stage_dir / "profile" / f"cuda_memory_rank{self.rank}.pickle"
+        profiling.dump_memory_snapshot(snapshot, self.cfg.profile.cuda_memory_snapshot)
+        if self.tracker is not None:
+            self.tracker.log_artifacts(self.stage_dir / "logs")
+            self.tracker.log_artifacts(self.stage_dir / "train_config.json")
+            self.tracker.finish()
 
 
 class StepLog:
     """Rank 0's record of a log step: the three JSON-lines logs that `dimoe diag` reads, the Ray
     gauges, and one line for a person. Throughput covers the window since the previous log step."""
 
-    def __init__(self, cfg: TrainConfig, log_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, log_dir: Path, tracker: Tracker | None = None) -> None:
         self.cfg = cfg
+        self.tracker = tracker
         self.files = JsonlLogger(log_dir)
         self.gauges = RoutingGauges(cfg.stage)
         self.window_start, self.window_tokens = time.perf_counter(), 0.0
@@ -336,7 +365,9 @@ class StepLog:
     def count_tokens(self, tokens: float) -> None:
         self.window_tokens += tokens
 
-    def write(self, step: int, out: StepOutput, grads: dict[str, Any] | None, engine: Any) -> None:
+    def write(
+        self, step: int, out: StepOutput, grads: dict[str, Any] | None, engine: Any, health: dict[str, Any]
+    ) -> None:
         metrics = out.metrics
         elapsed = time.perf_counter() - self.window_start
         record = {
@@ -346,8 +377,11 @@ class StepLog:
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": self.window_tokens / max(elapsed, 1e-9),
             "supervised_token_fraction": metrics["masked_tokens"] / max(metrics["eligible_tokens"], 1),
+            **health,
         }
         self.files.write("train_metrics", record)
+        if self.tracker is not None:
+            self.tracker.log_metrics(record, step=step)
         routing = {"step": step, "num_buckets": self.cfg.diffusion.num_t_buckets, **out.routing}
         self.files.write("routing_stats", routing)
         self.files.write("gradient_stats", {"step": step, **grads})

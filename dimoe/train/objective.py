@@ -133,6 +133,34 @@ def estimate_proposal(
     return proposal, estimate
 
 
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    batch: TrainBatch,
+    *,
+    mask_token_id: int,
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+    seed: int = 0,
+) -> float:
+    """The diffusion loss of `batch` averaged over the fixed t grid `validation.t_grid`, one view
+    per t with masks from a generator seeded by `seed`: the same number for the same weights, so
+    the values of a run are comparable step to step (the training loss draws new t and masks)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
+    was_training = model.training
+    model.eval()
+    losses = []
+    for t in cfg.validation.t_grid:
+        level = torch.full((batch.input_ids.shape[0],), t)
+        noised = make_views(cfg, batch, mask_token_id, generator, t=level, views="single")
+        losses.append(
+            _diffusion_loss(cfg, batch, noised, _forward_views(model, batch, noised, features), None)
+        )
+    model.train(was_training)
+    return float(torch.stack([loss.value for loss in losses]).mean())
+
+
 def training_step(
     model: torch.nn.Module,
     cfg: TrainConfig,

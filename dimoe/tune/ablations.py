@@ -161,6 +161,8 @@ def run_grid(cfg: TuneConfig, variants: list[str] | None = None, *, restart: boo
     import ray
     from ray import tune
 
+    from dimoe.telemetry.tracking import tune_callbacks
+
     names = cfg.selected(variants or cfg.run)
     validate_grid(cfg, names)
     root = experiment_dir(cfg)
@@ -189,6 +191,7 @@ def run_grid(cfg: TuneConfig, variants: list[str] | None = None, *, restart: boo
                 name=cfg.name,
                 storage_path=str(root.parent),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                callbacks=tune_callbacks(cfg.tracking, root) or None,
             ),
         )
     results = tuner.fit()

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from dimoe.cli import app
 from dimoe.config.eval import EvalConfig
+from dimoe.config.train import TrackingSpec
 from dimoe.eval.runner import MissingTaskData, run_eval, score_file
 from tests.eval.rows import TINY_PRESETS, mini_eval_config
 
@@ -23,6 +24,15 @@ def eval_config(tmp_path: Path) -> EvalConfig:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_eval_run_with_mlflow_tracking_logs_its_scores(ray_cluster, checkpoint, tmp_path: Path) -> None:
+    config = mini_eval_config(tmp_path).model_copy(update={"tracking": TrackingSpec(backend="mlflow")})
+    scores = run_eval(config, "mini", "fast", checkpoint, tmp_path / "eval", infer_config=INFER, batch_size=2)
+    (run,) = [p for p in (tmp_path / "eval" / "mlruns").glob("*/*") if (p / "metrics").is_dir()]
+    logged = (run / "metrics" / "demo_vqa_colour" / "score").read_text().split()
+    assert float(logged[1]) == pytest.approx(scores["tasks"]["demo_vqa_colour"]["score"])
+    assert (run / "params" / "preset").read_text() == "fast" and (run / "artifacts" / "scores.json").is_file()
 
 
 def test_run_eval_scores_a_suite_skips_missing_data_and_resumes(

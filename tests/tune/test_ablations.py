@@ -14,7 +14,7 @@ from dimoe.config.model import ModelConfig
 from dimoe.config.tune import TuneConfig
 from dimoe.eval.paper import export_paper_tables
 from dimoe.tune import run_grid
-from dimoe.tune.ablations import RESULT_COLUMNS, mean_std, seed_summary, validate_grid
+from dimoe.tune.ablations import RESULT_COLUMNS, experiment_dir, mean_std, seed_summary, validate_grid
 from tests.train.blends import COLOURS, write_blends
 
 QUESTION_TYPES = ("colour", "shape", "count", "position")
@@ -58,7 +58,8 @@ def grid_config(ray_cluster, tokenizer, tmp_path_factory) -> TuneConfig:
         "configs/tune/ablations.yaml",
         TuneConfig,
         [f"storage_path={root / 'tune'}", "seeds=[0]", "eval.decode.gen_length=32",
-         "eval.decode.block_length=32", f"eval.set=[data_root={root / 'demo'}]", "eval.batch_size=16"],
+         "eval.decode.block_length=32", f"eval.set=[data_root={root / 'demo'}]", "eval.batch_size=16",
+         "tracking.backend=mlflow"],
     )  # fmt: skip
     variants = {
         **{name: cfg.variants[name] for name in ("naive", "full")},
@@ -94,6 +95,13 @@ def test_every_trial_reports_accuracy_nfe_and_diagnostics(grid):
     assert rows["full"]["D_zero_supervision"] == 0.0
     # Only a two-view run measures view consistency: the single-view naive run has no B.
     assert rows["full"]["B_topk_jaccard"] > 0.0 and rows["naive"]["B_topk_jaccard"] is None
+
+
+def test_each_trial_is_an_mlflow_run_with_its_config_and_results(grid, grid_config):
+    runs = [p for p in (experiment_dir(grid_config) / "mlruns").glob("*/*") if (p / "params").is_dir()]
+    scored = [p for p in runs if (p / "metrics" / "accuracy_best").is_file()]
+    assert len(scored) == 2  # naive and full; the broken trial reports no result
+    assert sorted((p / "params" / "variant").read_text() for p in scored) == ["full", "naive"]
 
 
 def test_failed_trial_is_a_row_with_its_error(grid):
