@@ -170,6 +170,38 @@ def model_init(
     print_json({"checkpoint": str(out), **count_parameters(model).as_dict()})
 
 
+@model_app.command("convert-ar")
+@user_errors
+def model_convert_ar(
+    from_: Annotated[Path, typer.Option("--from", help="Local HF causal LM (Llama, Mistral, Qwen2, Qwen3).")],
+    out: Annotated[Path, typer.Option(help="Output checkpoint directory.")],
+    config: Annotated[Path, typer.Option(help="Model config YAML for the fields a causal LM lacks.")] = Path(
+        "configs/model/tiny.yaml"
+    ),
+    set_: SetOption = None,
+    attention: Annotated[
+        str, typer.Option(help="full, prefix, or causal (reproduces the AR logits).")
+    ] = "full",
+    experts: Annotated[int, typer.Option(help="Upcycle each MLP into this many experts (0: dense).")] = 0,
+    top_k: Annotated[int, typer.Option(help="Active experts per token when upcycled.")] = 2,
+    router_noise: Annotated[float, typer.Option(help="Std of the upcycled routers' random weights.")] = 0.02,
+    vision_from: Annotated[
+        Path | None, typer.Option(help="Local SigLIP directory (default: text-only).")
+    ] = None,
+    seed: int = 0,
+) -> None:
+    """Convert a causal LM into a DiMoE backbone, dense or upcycled to MoE (AR → diffusion)."""
+    from dimoe.config.loader import load_config
+    from dimoe.config.model import ModelConfig
+    from dimoe.model.causal_lm import convert_causal_lm
+
+    base = load_config(config, ModelConfig, [*(set_ or []), f"attention={attention}"])
+    print_json(
+        convert_causal_lm(from_, out, base, experts=experts, top_k=top_k, router_noise=router_noise,
+                          vision_from=vision_from, seed=seed)
+    )  # fmt: skip
+
+
 @model_app.command("pretrain-vision")
 @user_errors
 def model_pretrain_vision(
@@ -556,6 +588,23 @@ def tools_export_paper_tables(
     from dimoe.eval.paper import export_paper_tables
 
     print_json(export_paper_tables(eval_dir, out_dir, tune_results))
+
+
+@tools_app.command("merge-checkpoints")
+@user_errors
+def tools_merge_checkpoints(
+    run: Annotated[Path, typer.Option(help="A stage folder of `dimoe train run` (<output_dir>/<stage>).")],
+    top_k: Annotated[int, typer.Option(help="How many of the best checkpoints to average.")] = 3,
+    metric: Annotated[str, typer.Option(help="Reported metric that ranks the checkpoints.")] = "val_loss",
+    mode: Annotated[str, typer.Option(help="min or max: which end of the metric is best.")] = "min",
+    out: Annotated[Path | None, typer.Option(help="Output checkpoint folder (default <run>/merged).")] = None,
+) -> None:
+    """Average the weights of a run's top-k checkpoints by a metric (LLaDA2.0's merge)."""
+    from dimoe.train.merge import merge_top_k
+
+    if mode not in ("min", "max"):
+        raise UserError(f"--mode {mode!r}: expected min or max")
+    print_json(merge_top_k(run, top_k, metric, mode, out))
 
 
 @tools_app.command("grafana-dashboard")

@@ -70,12 +70,15 @@ class ModelConfig(StrictModel):
     # torch._grouped_mm runs, else the per-expert loop; grouped / loop force one. Same outputs.
     moe_dispatch: Literal["auto", "grouped", "loop"] = "auto"
     qk_norm: bool = True
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2's layout)
     rope_theta: float = 10000.0
     partial_rotary_factor: float = Field(1.0, gt=0.0, le=1.0)  # RoPE on the leading fraction of head dims
     max_position_embeddings: int = Field(512, gt=0)
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
-    attention: Literal["full", "prefix"] = "prefix"
+    # full / prefix: the diffusion masks (docs/design.md §3); causal: an AR model's (objective: ar,
+    # and a converted causal LM before its diffusion training)
+    attention: Literal["full", "prefix", "causal"] = "prefix"
     vision: VisionConfig | None = Field(default_factory=VisionConfig)  # None = text-only model
 
     @model_validator(mode="after")

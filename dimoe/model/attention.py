@@ -55,16 +55,23 @@ def build_attention_mask(
     key_is_real: torch.Tensor,
     query_is_prefix: torch.Tensor | None,
     key_is_prefix: torch.Tensor | None,
+    causal_from: int | None = None,
+    num_queries: int = 0,
 ) -> torch.Tensor:
     """Boolean mask broadcastable to [B, 1, Lq, Lk] (True = may attend).
 
     `query_is_prefix`/`key_is_prefix` are None for the `full` mask. Queries that are not prefix
     (response tokens, and padding, whose outputs are never used) see every real key; prefix
-    queries see only real prefix keys.
+    queries see only real prefix keys. `causal_from` (the `causal` mask): the `num_queries`
+    queries are keys causal_from.. and see no later key.
     """
     allowed = key_is_real[:, None, None, :]  # broadcasts over heads and queries
     if query_is_prefix is not None and key_is_prefix is not None:
         allowed = allowed & (~query_is_prefix[:, None, :, None] | key_is_prefix[:, None, None, :])
+    if causal_from is not None:  # query i is key causal_from + i and sees keys up to itself
+        keys = torch.arange(key_is_real.shape[1], device=key_is_real.device)
+        queries = causal_from + torch.arange(num_queries, device=key_is_real.device)
+        allowed = allowed & (keys[None, :] <= queries[:, None])[None, None]
     return allowed
 
 
@@ -77,12 +84,13 @@ class Attention(nn.Module):
         head_dim: int,
         qk_norm: bool,
         eps: float,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None

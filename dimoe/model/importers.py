@@ -246,16 +246,24 @@ def _map_llada_moe_names(source: dict[str, torch.Tensor], config: Any) -> dict[s
 def import_llada_backbone(
     model: DiMoEVLModel, directory: str | Path, new_token_ids: Sequence[int] = ()
 ) -> dict[str, list[str]]:
-    """Copy LLaDA-MoE or dense LLaDA weights into `model`'s backbone. The embedding/LM-head rows of
-    tokens the checkpoint lacks (DiMoE-VL's `<image>` and any token the tokenizer's adaptation
-    added, `new_token_ids`, which may fall in the checkpoint's padding rows) start at the mean of
-    its rows, so they start in-distribution."""
+    """Copy LLaDA-MoE or dense LLaDA weights into `model`'s backbone (`copy_backbone`)."""
     directory = Path(directory)
     source = _read_safetensors(directory)
     if _is_dense_llada(read_hf_config(directory)):
         source = _map_dense_llada_names(source, bool(read_hf_config(directory).get("weight_tying")))
     else:
         source = _map_llada_moe_names(source, model.config)
+    return copy_backbone(model, source, directory, new_token_ids)
+
+
+@torch.no_grad()
+def copy_backbone(
+    model: DiMoEVLModel, source: dict[str, torch.Tensor], directory: Path, new_token_ids: Sequence[int] = ()
+) -> dict[str, list[str]]:
+    """Copy `source` (DiMoE names) into `model`'s backbone; every backbone weight must be there.
+    The embedding/LM-head rows of tokens the checkpoint lacks (DiMoE-VL's `<image>` and any token
+    the tokenizer's adaptation added, `new_token_ids`, which may fall in the checkpoint's padding
+    rows) start at the mean of its rows, so they start in-distribution."""
     target = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
     problems, loaded = [], []
     for name, tensor in source.items():

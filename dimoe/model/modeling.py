@@ -89,6 +89,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             config.head_dim,
             config.qk_norm,
             config.rms_norm_eps,
+            config.attention_bias,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MoEBlock | SwiGLU = (
@@ -249,8 +250,8 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
             return block_cache.sequence.attention_mask.bool(), block_cache.start
         if prefix_cache is None:
             return real, 0
-        if self.config.attention != "prefix":
-            raise ValueError("a prefix cache is exact only for models trained with the `prefix` mask")
+        if self.config.attention not in ("prefix", "causal"):
+            raise ValueError("a prefix cache is exact only for models with the `prefix` or `causal` mask")
         prefix_real = prefix_cache.attention_mask.bool()
         return torch.cat([prefix_real, real], dim=1), prefix_real.shape[1]
 
@@ -269,7 +270,10 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         # Beside a cache every token is a response token: it sees every real key.
         use_prefix = self.config.attention == "prefix" and prefix_mask is not None and not cached
         query_prefix = prefix_mask.bool() & real if use_prefix else None
-        return positions, build_attention_mask(key_real, query_prefix, query_prefix)
+        causal_from = start if self.config.attention == "causal" else None
+        return positions, build_attention_mask(
+            key_real, query_prefix, query_prefix, causal_from, real.shape[1]
+        )
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(

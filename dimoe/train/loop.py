@@ -319,7 +319,9 @@ class Trainer:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=DS_TAG)
             prior = {k: v.tolist() for k, v in self.prior.state_dict().items()}
-            write_json(Path(tmp) / STATE_FILE, {"step": self.step, "prior": prior}, indent=None)
+            # the reported metrics too: `dimoe tools merge-checkpoints` ranks the kept checkpoints by them
+            state = {"step": self.step, "prior": prior, "metrics": metrics}
+            write_json(Path(tmp) / STATE_FILE, state, indent=None)
             if self.world > 1:
                 torch.distributed.barrier()
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

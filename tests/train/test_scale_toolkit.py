@@ -146,15 +146,22 @@ def test_lora_under_zero2_trains_only_adapters_and_exports_base_plus_ba(ray_clus
     assert changed == expected
 
 
-def test_muon_with_validation_tracking_and_profiling_on_two_zero2_workers(ray_cluster, blend_root):
-    """DeepSpeed's Muon under ZeRO-2: the held-out loss (fixed t grid and masks) falls; the kept
-    checkpoints are the two of lowest held-out loss; MLflow's run folder holds the metrics; a
-    profiler trace is written; the logs carry norms and peak memory."""
+@pytest.fixture(scope="module")
+def validated_run(ray_cluster, blend_root):
+    """DeepSpeed's Muon under ZeRO-2 on 2 workers, validating every 2 of 8 steps, keeping 2
+    checkpoints, tracked in MLflow, with a profiler trace."""
     cfg = _stage(blend_root, "muon", "optimizer.name=muon", "optimizer.muon_lr=0.02", "max_steps=8",
                  "validation.every_steps=2", "validation.fraction=0.25", "validation.decode_rows=4",
                  "checkpoint.keep=2", "tracking.backend=mlflow", "profile.trace_steps=2",
                  "profile.trace_start=1", "groups.backbone.lr=2e-3")  # fmt: skip
-    result = run_stage(cfg, progress=False)
+    return run_stage(cfg, progress=False)
+
+
+def test_muon_with_validation_tracking_and_profiling_on_two_zero2_workers(validated_run, blend_root):
+    """The held-out loss (fixed t grid and masks) falls; the kept checkpoints are the two of lowest
+    held-out loss; MLflow's run folder holds the metrics; a profiler trace is written; the logs
+    carry norms and peak memory."""
+    result = validated_run
     logs = _records(result.log_dir / "train_metrics.jsonl")
     validated = {r["step"]: r["val_loss"] for r in logs if "val_loss" in r}
     assert list(validated) == [2, 4, 6, 8] and validated[8] < validated[2]
@@ -183,3 +190,25 @@ def test_torch_muon_as_client_optimizer_under_zero0_lowers_the_heldout_loss(ray_
     result = run_stage(cfg, progress=False)
     losses = [r["val_loss"] for r in _records(result.log_dir / "train_metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_merge_checkpoints_writes_the_mean_of_the_top_k_by_heldout_loss(validated_run, tmp_path):
+    from dimoe.errors import UserError
+    from dimoe.train.merge import merge_top_k
+
+    stage = validated_run.final_dir.parent
+    logs = _records(validated_run.log_dir / "train_metrics.jsonl")
+    best = sorted((r["val_loss"], r["step"]) for r in logs if "val_loss" in r)[:2]
+    merged = merge_top_k(stage, 2, "val_loss", out=tmp_path / "merged")
+    assert [c["step"] for c in merged["checkpoints"]] == [step for _, step in best]
+    # DeepSpeed's own module states of the two checkpoints (fp32 training: the master weights)
+    states = [
+        torch.load(Path(c["path"]) / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for c in merged["checkpoints"]
+    ]
+    weights = load_checkpoint(tmp_path / "merged")[0].state_dict()
+    assert not torch.equal(states[0]["lm_head.weight"], states[1]["lm_head.weight"])
+    for name, value in weights.items():
+        torch.testing.assert_close(value, (states[0][name] + states[1][name]) / 2, msg=name)
+    with pytest.raises(UserError, match="has 2 checkpoint"):
+        merge_top_k(stage, 3, "val_loss", out=tmp_path / "too_many")
