@@ -197,6 +197,8 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # samples per worker per micro-step (each gives 1 or 2 views)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0)
+    # diffusion: masked diffusion (docs/design.md §4); ar: next-token loss, for a `causal` model
+    objective: Literal["diffusion", "ar"] = "diffusion"
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     losses: LossSpec = Field(default_factory=LossSpec)
     data: DataSpec = Field(default_factory=DataSpec)

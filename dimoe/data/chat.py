@@ -107,6 +107,11 @@ def encode_chat(
     return EncodedChat(ids, prompt_length, num_image_tokens if (image_count or num_image_tokens) else 0)
 
 
+def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> EncodedChat:
+    """A plain-text record (a pretraining corpus): all of it is response, closed by EOS."""
+    return EncodedChat([*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id], 0, 0)
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     return tokenizer.apply_chat_template(

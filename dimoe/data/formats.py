@@ -1,12 +1,14 @@
 """Raw conversation formats → one conversation schema.
 
-Three raw layouts are accepted, detected per record:
+Four raw layouts are accepted, detected per record:
 
 - **LLaVA / ShareGPT**: ``{"id", "image"?, "system"?, "conversations": [{"from", "value"}, …]}`` with
   ``from`` in human/gpt (LLaVA) or also system/user/assistant (ShareGPT variants);
 - **OpenAI messages**: ``{"id"?, "messages": [{"role", "content"}, …]}`` where ``content`` is a
   string or a list of parts ``{"type": "text", "text"}`` / ``{"type": "image_url", "image_url":
   {"url"}}``. The image part becomes the ``<image>`` placeholder at its position in the turn.
+- **Plain text** (a pretraining corpus): ``{"id"?, "text"}``; the whole text is the response, with
+  no prompt and no chat template.
 
 Every problem raises :class:`RecordFormatError` with a short machine-readable ``reason`` (the
 rejects table groups by it) and a message saying what is wrong.
@@ -83,16 +85,28 @@ def parse_record(record: Any) -> Conversation:
         messages = _parse_sharegpt(record["conversations"], record.get("system"))
         image = _record_image(record)
         fmt = "llava" if image is not None else "sharegpt"
+    elif "text" in record:
+        return _parse_text(record)
     else:
         raise RecordFormatError(
             "unknown_format",
-            "record has neither `conversations` (LLaVA/ShareGPT) nor `messages` (OpenAI); "
+            "record has neither `conversations` (LLaVA/ShareGPT), `messages` (OpenAI) nor `text`; "
             f"keys: {sorted(record)[:10]}",
         )
     _check_turns(messages)
     return Conversation(
         tuple(messages), image, _optional_str(record, "id"), _optional_str(record, "split"), fmt
     )
+
+
+def _parse_text(record: dict[str, Any]) -> Conversation:
+    text = record["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise RecordFormatError("empty_text", "`text` must be a non-empty string")
+    if record.get("image") is not None:
+        raise RecordFormatError("text_with_image", "a plain-text record has no image; use `messages` for one")
+    message = Message("assistant", text)
+    return Conversation((message,), None, _optional_str(record, "id"), _optional_str(record, "split"), "text")
 
 
 def parse_openai_messages(messages: Any) -> tuple[list[Message], str | None]:

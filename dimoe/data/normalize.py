@@ -38,7 +38,7 @@ from ray.data.expressions import col
 
 from dimoe.config.data import SPLITS, NormalizeConfig
 from dimoe.config.loader import ConfigError
-from dimoe.data.chat import ChatFormatError, encode_chat
+from dimoe.data.chat import ChatFormatError, encode_chat, encode_plain_text
 from dimoe.data.formats import RecordFormatError, parse_record_text
 from dimoe.data.images import ImageError, load_image_bytes
 from dimoe.data.tokenizer import load_tokenizer
@@ -247,11 +247,11 @@ class RecordNormalizer:
                 max_pixels=self.config.max_image_pixels,
                 max_bytes=self.config.max_image_bytes,
             )
-        encoded = encode_chat(
-            self.tokenizer,
-            list(conversation.messages),
-            num_image_tokens=self.config.num_image_tokens if image is not None else 0,
-        )
+        if conversation.format == "text":
+            encoded = encode_plain_text(self.tokenizer, conversation.messages[0].content)
+        else:
+            image_tokens = self.config.num_image_tokens if image is not None else 0
+            encoded = encode_chat(self.tokenizer, list(conversation.messages), num_image_tokens=image_tokens)
         if len(encoded.input_ids) > self.config.max_seq_len:
             raise RecordFormatError(
                 "too_long",

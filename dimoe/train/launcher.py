@@ -78,6 +78,7 @@ def validate_before_launch(cfg: TrainConfig) -> None:
         )
     elif not Path(cfg.tokenizer).is_dir():
         raise ConfigError(f"{cfg.stage}: tokenizer directory {cfg.tokenizer} not found")
+    check_objective(cfg)
     rows = blend_rows(cfg)
     workers = cfg.scaling.num_workers
     if rows // workers < cfg.batch_size:  # a worker's pass over its shard would yield no batch
@@ -85,6 +86,24 @@ def validate_before_launch(cfg: TrainConfig) -> None:
             f"{cfg.stage}: blend {cfg.data.blend!r} has {rows} rows, {rows // workers} per worker for "
             f"{workers} workers, fewer than batch_size={cfg.batch_size}; build a larger blend "
             "(`dimoe data build-stage-blends`) or lower batch_size or scaling.num_workers"
+        )
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """`objective: ar` trains a `causal` model, masked diffusion any other."""
+    from dimoe.config.loader import load_config
+    from dimoe.config.model import ModelConfig
+    from dimoe.io import read_json
+
+    if cfg.init_from:
+        attention = read_json(Path(cfg.init_from) / "config.json").get("attention", "prefix")
+    else:
+        attention = load_config(cfg.model, ModelConfig).attention
+    if (cfg.objective == "ar") != (attention == "causal"):
+        fix = "set the model's attention to causal" if cfg.objective == "ar" else "use objective: ar"
+        raise ConfigError(
+            f"{cfg.stage}: objective {cfg.objective} with a model of {attention!r} attention: the AR "
+            f"objective needs the causal mask and diffusion a bidirectional one; {fix}"
         )
 
 

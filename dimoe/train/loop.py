@@ -33,7 +33,7 @@ from dimoe.telemetry import profiling
 from dimoe.telemetry.tracking import Tracker
 from dimoe.train.batch import TrainBatch, collate, length_grouped
 from dimoe.train.engine import build_engine
-from dimoe.train.objective import StepOutput, estimate_proposal, training_step
+from dimoe.train.objective import StepOutput, ar_training_step, estimate_proposal, training_step
 from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
 from dimoe.train.validation import DATASET as VALIDATION_DATASET
 from dimoe.train.validation import Validator
@@ -267,18 +267,7 @@ class Trainer:
         from deepspeed.utils import safe_get_full_grad
 
         with profiling.nvtx_range("forward", self.nvtx):
-            out = training_step(
-                self.engine,
-                self.cfg,
-                self.to_batch(rows),
-                self.generator,
-                self.prior,
-                mask_token_id=self.model_config.mask_token_id,
-                encode_images=self.base.encode_images,
-                collect_routing=log_step and self.rank == 0,
-                blank_image=self.blank_image,
-                proposal=self.proposal,
-            )
+            out = self.objective_step(rows, log_step)
         self.check_finite(out.metrics["loss"])
         with profiling.nvtx_range("backward", self.nvtx):
             self.engine.backward(out.loss)
@@ -288,6 +277,26 @@ class Trainer:
             self.engine.step()
         self.step += 1
         return out, grads
+
+    def objective_step(self, rows: dict[str, np.ndarray], log_step: bool) -> StepOutput:
+        """The forward and loss of `cfg.objective`."""
+        if self.cfg.objective == "ar":
+            return ar_training_step(
+                self.engine, self.cfg, self.to_batch(rows), encode_images=self.base.encode_images,
+                blank_image=self.blank_image,
+            )  # fmt: skip
+        return training_step(
+            self.engine,
+            self.cfg,
+            self.to_batch(rows),
+            self.generator,
+            self.prior,
+            mask_token_id=self.model_config.mask_token_id,
+            encode_images=self.base.encode_images,
+            collect_routing=log_step and self.rank == 0,
+            blank_image=self.blank_image,
+            proposal=self.proposal,
+        )
 
     def to_batch(self, rows: dict[str, np.ndarray]) -> TrainBatch:
         batch = collate(

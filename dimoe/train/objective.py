@@ -214,6 +214,38 @@ def training_step(
     return StepOutput(total, metrics, routing)
 
 
+def ar_training_step(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    batch: TrainBatch,
+    *,
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+    blank_image: torch.Tensor | None = None,
+) -> StepOutput:
+    """`objective: ar`: next-token cross-entropy under the causal mask (the AR pretraining and
+    baselines of the MiniMind → LLaDA2.0 route), on every answer token and its own EOS (not the
+    EOS padding), plus the router's global balance and z losses."""
+    features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
+    out = model(batch.input_ids, batch.attention_mask.long(), image_features=features)
+    supervised = (batch.response_mask & ~batch.eos_padding_mask)[:, 1:]
+    logits = out.logits[:, :-1][supervised].float()
+    ar = torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][supervised])
+    mask = batch.attention_mask
+    balance = stratified_balance_loss(
+        out.router_probs, out.router_topk, mask, torch.zeros_like(mask[:, 0]).long(), 1
+    )
+    z = router_z_loss(out.router_logits, mask)
+    total = ar + cfg.losses.lambda_bal * balance.value + cfg.losses.lambda_z * z.value
+    if features is None and blank_image is not None:  # see training_step
+        total = total + 0.0 * encode_images(blank_image).sum()
+    count = float(supervised.sum())
+    metrics = {"loss": total.item(), "loss_ar": ar.item(), "loss_bal": balance.value.item()}
+    metrics |= {"loss_z": z.value.item(), "masked_tokens": count, "eligible_tokens": count}
+    metrics |= {"zero_supervision_samples": 0.0, "samples": float(len(mask)), "tokens": float(mask.sum())}
+    metrics["t_mean"] = 0.0
+    return StepOutput(total, metrics)
+
+
 def _forward_views(
     model: torch.nn.Module, batch: TrainBatch, noised: NoisedBatch, features: torch.Tensor | None
 ) -> DiMoEOutput:

@@ -60,6 +60,8 @@ class Validator:
     def scores(self, model: torch.nn.Module, *, mask_token_id: int, eos_token_id: int) -> dict[str, float]:
         """`val_loss` (row-weighted over the chunks) and, with `decode_rows`, `val_exact_match`."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if self.cfg.objective == "ar":  # the next-token loss of the held-out rows
+            return {"val_loss": self.ar_loss(model, base)}
         losses = [
             heldout_loss(
                 model, self.cfg, batch, mask_token_id=mask_token_id, encode_images=base.encode_images,
@@ -71,6 +73,17 @@ class Validator:
         if self.cfg.validation.decode_rows:
             scores["val_exact_match"] = self.exact_match(base, eos_token_id)
         return scores
+
+    @torch.no_grad()
+    def ar_loss(self, model: torch.nn.Module, base: torch.nn.Module) -> float:
+        from dimoe.train.objective import ar_training_step
+
+        losses = [
+            ar_training_step(model, self.cfg, batch, encode_images=base.encode_images).metrics["loss_ar"]
+            * batch.input_ids.shape[0]
+            for batch in self.batches
+        ]
+        return sum(losses) / self.rows
 
     @torch.no_grad()
     def exact_match(self, model: torch.nn.Module, eos_token_id: int) -> float:

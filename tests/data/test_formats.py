@@ -64,7 +64,8 @@ def test_sharegpt_system_turn_and_top_level_system():
             },
             "bad_id",
         ),
-        ({"text": "hello"}, "unknown_format"),
+        ({"body": "hello"}, "unknown_format"),
+        ({"text": ""}, "empty_text"),
         ([1, 2], "not_an_object"),
     ],
 )

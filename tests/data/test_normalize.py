@@ -123,3 +123,24 @@ def test_refuses_to_replace_a_foreign_directory(ray_cluster, raw_dir, synth_dir,
         normalize(raw_dir, precious, synth_dir / "tokenizer")
     assert (precious / "thesis.tex").read_text() == "do not delete"
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]  # no temporary directory left behind
+
+
+def test_a_plain_text_corpus_becomes_prompt_free_rows(ray_cluster, synth_dir, tmp_path):
+    """`{"text": …}` records (a pretraining corpus): the whole text is the response, closed by EOS;
+    an empty text or an image on a text record is rejected with its reason."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    texts = ["the red square is left of the blue circle", "three green triangles"]
+    lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)]
+    lines += [json.dumps({"text": "  "}), json.dumps({"text": "x", "image": "a.png"})]
+    (raw / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    config = NormalizeConfig(stage_of={"corpus.jsonl": "stage2_llm"}, progress=False)
+    normalize(raw, tmp_path / "out", synth_dir / "tokenizer", config=config)
+    tokenizer = load_tokenizer(synth_dir / "tokenizer")
+    rows = sorted(pq.read_table(tmp_path / "out" / "stage2_llm").to_pylist(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == ["t0", "t1"]
+    for row, text in zip(rows, texts, strict=True):
+        assert row["prompt_length"] == 0 and row["image"] is None
+        assert row["input_ids"] == [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    reasons = sorted(pq.read_table(tmp_path / "out" / "rejects").column("reason").to_pylist())
+    assert reasons == ["empty_text", "text_with_image"]
