@@ -77,8 +77,10 @@ class ModelConfig(StrictModel):
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     # full / prefix: the diffusion masks (docs/design.md §3); causal: an AR model's (objective: ar,
-    # and a converted causal LM before its diffusion training)
-    attention: Literal["full", "prefix", "causal"] = "prefix"
+    # and a converted causal LM before its diffusion training); block: LLaDA2.0's block diffusion,
+    # the response cut into blocks of `block_size`, each seeing the prompt, earlier blocks and itself
+    attention: Literal["full", "prefix", "causal", "block"] = "prefix"
+    block_size: int = Field(32, gt=0)
     vision: VisionConfig | None = Field(default_factory=VisionConfig)  # None = text-only model
 
     @model_validator(mode="after")

@@ -61,7 +61,29 @@ class TimestepSpec(StrictModel):
     ppots: PPOTSSpec = Field(default_factory=PPOTSSpec)
 
 
+class BlockScheduleSpec(StrictModel):
+    """LLaDA2.0's warmup–stable–decay over block sizes (`diffusion.block_schedule`): block diffusion
+    with growing blocks, then full-sequence masked diffusion, then shrinking blocks to the last
+    size, which the exported model decodes with. Each phase's sizes share its steps equally."""
+
+    warmup_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256])
+    decay_sizes: list[int] = Field(default_factory=lambda: [256, 128, 64, 32])
+    phase_ratios: tuple[float, float, float] = (0.3, 0.5, 0.2)
+
+    @model_validator(mode="after")
+    def _valid(self) -> BlockScheduleSpec:
+        if abs(sum(self.phase_ratios) - 1) > 1e-6 or min(self.phase_ratios) < 0:
+            raise ValueError(f"block_schedule.phase_ratios {self.phase_ratios} must be >= 0 and sum to 1")
+        if not self.decay_sizes or min(self.warmup_sizes + self.decay_sizes) < 1:
+            raise ValueError("block_schedule: decay_sizes must be non-empty and every size >= 1")
+        return self
+
+
 class DiffusionSpec(StrictModel):
+    # Block diffusion (a model with `attention: block`): one block size, or the WSD schedule of
+    # sizes (which wins); None for both: masked diffusion over the whole response.
+    block_size: int | None = Field(None, gt=0)
+    block_schedule: BlockScheduleSpec | None = None
     timesteps: TimestepSpec = Field(default_factory=TimestepSpec)
     num_t_buckets: int = Field(4, ge=1)
     # complementary: t and 1 - t, exact complement masks (EBCMC); independent: t and 1 - t, independent
@@ -105,6 +127,9 @@ class DataSpec(StrictModel):
     # length, rows of one template (each VQA question type has its own length) fill whole batches,
     # and a from-scratch model then never learns the types side by side.
     length_bucket: int = Field(32, ge=1)
+    # Quantized effective length: a batch is left-padded to a multiple of this many tokens, so a run
+    # sees few distinct shapes (compiled kernels, CUDA graphs; 1: off)
+    length_quantum: int = Field(1, ge=1)
 
 
 class DeepSpeedSpec(StrictModel):

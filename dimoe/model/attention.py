@@ -5,6 +5,12 @@ Masks (docs/design.md §3):
 - `prefix`: prefix tokens (image + prompt) attend only to prefix tokens, every other token attends
   to everything. The prefix keys/values then do not depend on the response, so a decoder can
   compute them once per request and reuse them at every step (LaViDa's Prefix-DLM).
+- `causal`: every token attends to itself and the tokens before it (an AR model).
+- `block`: as `prefix`, but the response is cut into blocks and a response token attends to the
+  prefix, the earlier blocks and its own block (LLaDA2.0; BD3-LM, Arriola et al. 2025,
+  arXiv:2503.09573). Committed blocks never see later ones, so a decoder caches their keys and
+  values exactly. `block_diffusion_mask` is the training layout: a noisy and a clean copy of the
+  response in one sequence.
 Padding keys are never attended to, so padding cannot affect real positions.
 """
 
@@ -73,6 +79,46 @@ def build_attention_mask(
         queries = causal_from + torch.arange(num_queries, device=key_is_real.device)
         allowed = allowed & (keys[None, :] <= queries[:, None])[None, None]
     return allowed
+
+
+PROMPT, NOISY, CLEAN = 0, 1, 2  # the copies of a block-diffusion training sequence
+
+
+def response_blocks(is_prefix: torch.Tensor, is_real: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, L] block index of each response token (its rank among the row's real non-prefix tokens
+    // block_size), -1 for prefix and padding."""
+    response = is_real & ~is_prefix
+    rank = response.long().cumsum(1) - 1
+    return torch.where(response, rank // block_size, -1)
+
+
+def block_diffusion_mask(
+    copy_q: torch.Tensor,
+    block_q: torch.Tensor,
+    copy_k: torch.Tensor,
+    block_k: torch.Tensor,
+    key_real: torch.Tensor,
+) -> torch.Tensor:
+    """[B, 1, Lq, Lk] mask of a block-diffusion sequence (BD3-LM's construction): prompt tokens
+    (copy PROMPT) see the prompt; a NOISY token of block j sees the prompt, its own noisy block and
+    the CLEAN blocks before j; a CLEAN token of block j sees the prompt and the clean blocks up to
+    j. With only PROMPT and CLEAN tokens this is the `block` mask of one sequence."""
+    noisy_q, clean_q = _queries(copy_q) == NOISY, _queries(copy_q) == CLEAN
+    noisy_k, clean_k = _keys(copy_k) == NOISY, _keys(copy_k) == CLEAN
+    bq, bk = _queries(block_q), _keys(block_k)
+    sees = (_keys(copy_k) == PROMPT) & (_queries(copy_q) >= PROMPT)  # broadcast to [B, 1, Lq, Lk]
+    sees = (
+        sees | noisy_q & noisy_k & (bk == bq) | noisy_q & clean_k & (bk < bq) | clean_q & clean_k & (bk <= bq)
+    )
+    return sees & _keys(key_real)
+
+
+def _queries(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None, :, None]  # [B, L] → broadcast over heads and keys
+
+
+def _keys(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None, None, :]  # [B, L] → broadcast over heads and queries
 
 
 class Attention(nn.Module):

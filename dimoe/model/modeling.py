@@ -20,7 +20,16 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
+from .attention import (
+    CLEAN,
+    PROMPT,
+    Attention,
+    RMSNorm,
+    block_diffusion_mask,
+    build_attention_mask,
+    response_blocks,
+    rope_cos_sin,
+)
 from .config import DiMoEConfig
 from .moe import Experts, MoEBlock, RouterOutput, SwiGLU, TopKRouter
 from .vision import VisionTower
@@ -250,8 +259,10 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
             return block_cache.sequence.attention_mask.bool(), block_cache.start
         if prefix_cache is None:
             return real, 0
-        if self.config.attention not in ("prefix", "causal"):
-            raise ValueError("a prefix cache is exact only for models with the `prefix` or `causal` mask")
+        if self.config.attention not in ("prefix", "causal", "block"):
+            raise ValueError(
+                "a prefix cache is exact only for models with a `prefix`, `causal` or `block` mask"
+            )
         prefix_real = prefix_cache.attention_mask.bool()
         return torch.cat([prefix_real, real], dim=1), prefix_real.shape[1]
 
@@ -269,6 +280,11 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start : start + real.shape[1]]
         # Beside a cache every token is a response token: it sees every real key.
         use_prefix = self.config.attention == "prefix" and prefix_mask is not None and not cached
+        if self.config.attention == "block" and not cached:
+            is_prefix = prefix_mask.bool() & real if prefix_mask is not None else torch.zeros_like(real)
+            blocks = response_blocks(is_prefix, real, self.config.block_size)
+            copy = torch.where(blocks >= 0, CLEAN, PROMPT)
+            return positions, block_diffusion_mask(copy, blocks, copy, blocks, key_real)
         query_prefix = prefix_mask.bool() & real if use_prefix else None
         causal_from = start if self.config.attention == "causal" else None
         return positions, build_attention_mask(
@@ -288,6 +304,8 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         return_prefix_cache: bool = False,
         block_cache: BlockCache | None = None,
         logits_positions: slice | None = None,
+        position_ids: torch.Tensor | None = None,
+        layout_mask: torch.Tensor | None = None,
         **_: object,
     ) -> DiMoEOutput:
         """Logits for every position of `input_ids` [B, L] (or for `logits_positions` of them).
@@ -304,6 +322,9 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
             this call writes into the cache.
         logits_positions: the positions whose logits are wanted; the LM head, a vocabulary-wide
             matmul per position, then skips the others (a decoder reads one block of them).
+        position_ids, layout_mask: RoPE positions [B, L] and a boolean mask [B, 1, L, L] that
+            replace the ones the attention type gives (the block-diffusion training layout, whose
+            noisy and clean copies of the response share positions).
         """
         real = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -311,6 +332,8 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         key_real, first = self._cached_keys(real, prefix_cache, block_cache)
         cache = block_cache.sequence if block_cache is not None else prefix_cache
         positions, mask = self._positions_and_mask(real, prefix_mask, key_real, first, cache is not None)
+        if layout_mask is not None:
+            positions, mask = position_ids, layout_mask
         start = block_cache.start if block_cache is not None else None
         x = self.embed(input_ids, pixel_values, image_features)
         rotary_dim = int(self.config.head_dim * self.config.partial_rotary_factor)

@@ -102,10 +102,12 @@ def collate(
     response_length: int,
     processor: ImageProcessor | None,
     image_tokens: int | None = None,
+    length_quantum: int = 1,
 ) -> TrainBatch:
     """`rows` is a column batch as Ray Data yields it (`input_ids`, `prompt_length`, `image`).
     `image_tokens`: the model's image-token count, when it may differ from the count the data was
-    normalized with (a tower trained at another resolution); each row's image tokens are resized."""
+    normalized with (a tower trained at another resolution); each row's image tokens are resized.
+    `length_quantum`: the batch is left-padded to a multiple of it (quantized effective length)."""
     # np.array copies: Ray Data hands out read-only arrays, which torch.from_numpy warns about.
     sequences = [np.array(ids, dtype=np.int64) for ids in rows["input_ids"]]
     prompt_lengths = [int(n) for n in rows["prompt_length"]]
@@ -116,7 +118,7 @@ def collate(
     answers = [seq[p:] for seq, p in zip(sequences, prompt_lengths, strict=True)]
     windows = [max(response_length, len(a)) for a in answers]  # each row's answer + EOS padding
     response = max(windows)
-    length = max(prompt_lengths) + response
+    length = -(-(max(prompt_lengths) + response) // length_quantum) * length_quantum  # more left padding
     b = len(sequences)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     attention = torch.zeros(b, length, dtype=torch.bool)

@@ -34,6 +34,7 @@ from dimoe.telemetry.tracking import Tracker
 from dimoe.train.batch import TrainBatch, collate, length_grouped
 from dimoe.train.engine import build_engine
 from dimoe.train.objective import StepOutput, ar_training_step, estimate_proposal, training_step
+from dimoe.train.schedule import block_size_at, final_block_size
 from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
 from dimoe.train.validation import DATASET as VALIDATION_DATASET
 from dimoe.train.validation import Validator
@@ -296,6 +297,7 @@ class Trainer:
             collect_routing=log_step and self.rank == 0,
             blank_image=self.blank_image,
             proposal=self.proposal,
+            block_size=block_size_at(self.step, self.cfg),
         )
 
     def to_batch(self, rows: dict[str, np.ndarray]) -> TrainBatch:
@@ -307,6 +309,7 @@ class Trainer:
             response_length=self.cfg.data.response_length,
             processor=self.processor,
             image_tokens=self.model_config.num_image_tokens,
+            length_quantum=self.cfg.data.length_quantum,
         ).to(self.engine.device)
         batch.pixel_values = batch.pixel_values.to(self.dtype)
         return batch
@@ -346,6 +349,8 @@ class Trainer:
         from dimoe.model.build import save_checkpoint
         from dimoe.train.lora import export_lora
 
+        if final_block_size(self.cfg) is not None:  # the model decodes with the block size it ends on
+            self.base.config.block_size = final_block_size(self.cfg)
         params = list(self.engine.module.parameters())
         # Under ZeRO-3 the weights are partitioned: gather them on every rank, save on rank 0.
         zero3 = self.cfg.deepspeed.zero_stage == 3

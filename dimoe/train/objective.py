@@ -142,6 +142,7 @@ def heldout_loss(
     mask_token_id: int,
     encode_images: Callable[[torch.Tensor], torch.Tensor],
     seed: int = 0,
+    block_size: int | None = None,
 ) -> float:
     """The diffusion loss of `batch` averaged over the fixed t grid `validation.t_grid`, one view
     per t with masks from a generator seeded by `seed`: the same number for the same weights, so
@@ -154,9 +155,8 @@ def heldout_loss(
     for t in cfg.validation.t_grid:
         level = torch.full((batch.input_ids.shape[0],), t)
         noised = make_views(cfg, batch, mask_token_id, generator, t=level, views="single")
-        losses.append(
-            _diffusion_loss(cfg, batch, noised, _forward_views(model, batch, noised, features), None)
-        )
+        out = _forward_views(model, batch, noised, features, block_size)
+        losses.append(_diffusion_loss(cfg, batch, noised, out, None))
     model.train(was_training)
     return float(torch.stack([loss.value for loss in losses]).mean())
 
@@ -173,6 +173,7 @@ def training_step(
     collect_routing: bool = False,
     blank_image: torch.Tensor | None = None,
     proposal: Proposal | None = None,
+    block_size: int | None = None,
 ) -> StepOutput:
     """Forward all views in one call and return the weighted loss with its parts.
 
@@ -182,11 +183,12 @@ def training_step(
     without images: data-parallel ranks reduce gradients bucket by bucket in lockstep, so every
     rank's backward must reach the vision parameters even when its batch is text only.
     `proposal`: P-POTS's fitted sampler of t (`timesteps.kind: ppots`); each row's loss is then
-    weighted by its importance weight, the same for both views of a pair (they share t)."""
+    weighted by its importance weight, the same for both views of a pair (they share t).
+    `block_size`: block diffusion with blocks of this size (`block_layout`)."""
     t, is_weight = sample_t(cfg, batch.input_ids.shape[0], generator, proposal)
     noised = make_views(cfg, batch, mask_token_id, generator, t=t)
     features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
-    out = _forward_views(model, batch, noised, features)
+    out = _forward_views(model, batch, noised, features, block_size)
     visible = noised.visible(batch.attention_mask)
     losses = cfg.losses
     row_weight = None if is_weight is None else is_weight.repeat(noised.num_views)
@@ -247,16 +249,57 @@ def ar_training_step(
 
 
 def _forward_views(
-    model: torch.nn.Module, batch: TrainBatch, noised: NoisedBatch, features: torch.Tensor | None
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    noised: NoisedBatch,
+    features: torch.Tensor | None,
+    block_size: int | None = None,
 ) -> DiMoEOutput:
-    """One model call on all views stacked along the batch; the image features are shared."""
+    """One model call on all views stacked along the batch; the image features are shared. With
+    `block_size` shorter than the response, block diffusion: `block_layout`."""
     views = noised.num_views
-    return model(
-        noised.noisy_ids,
-        batch.attention_mask.repeat(views, 1).long(),
-        prefix_mask=batch.prefix_mask.repeat(views, 1),
-        image_features=torch.cat([features] * views) if features is not None else None,
+    attention_mask = batch.attention_mask.repeat(views, 1)
+    prefix_mask = batch.prefix_mask.repeat(views, 1)
+    features = torch.cat([features] * views) if features is not None else None
+    response = int(batch.response_mask.sum(dim=1).max())
+    if block_size is None or block_size >= response:
+        return model(
+            noised.noisy_ids, attention_mask.long(), prefix_mask=prefix_mask, image_features=features
+        )
+    clean = batch.input_ids[:, -response:].repeat(views, 1)
+    ids, real, positions, mask = block_layout(
+        noised.noisy_ids, clean, attention_mask, prefix_mask, block_size
     )
+    return model(
+        ids, real.long(), image_features=features, position_ids=positions, layout_mask=mask,
+        logits_positions=slice(0, noised.noisy_ids.shape[1]),
+    )  # fmt: skip
+
+
+def block_layout(
+    noisy_ids: torch.Tensor,
+    clean_response: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block diffusion in one forward (LLaDA2.0's objective, BD3-LM's construction, Arriola et al.
+    2025, arXiv:2503.09573): the noisy sequence [prompt, x_t] followed by the clean response x_0,
+    whose copies share positions; noisy block j sees the prompt, itself and the clean blocks before
+    j, so its logits are those of denoising block j given the clean earlier blocks. Rows are
+    left-padded with every response ending the row. Returns ids, real-token mask, positions, mask."""
+    from dimoe.model.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, response_blocks
+
+    response = clean_response.shape[1]
+    real = torch.cat([attention_mask, attention_mask[:, -response:]], dim=1).bool()
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    positions = torch.cat([positions, positions[:, -response:]], dim=1)
+    blocks = response_blocks(prefix_mask.bool(), attention_mask.bool(), block_size)
+    blocks = torch.cat([blocks, blocks[:, -response:]], dim=1)
+    noisy = torch.where(blocks[:, :-response] >= 0, NOISY, PROMPT)
+    copy = torch.cat([noisy, torch.full_like(clean_response, CLEAN)], dim=1)
+    mask = block_diffusion_mask(copy, blocks, copy, blocks, real)
+    return torch.cat([noisy_ids, clean_response], dim=1), real, positions, mask
 
 
 def _diffusion_loss(

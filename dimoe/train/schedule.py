@@ -1,4 +1,5 @@
-"""Learning-rate schedules as multipliers of each group's base LR: linear warmup, then cosine to
+"""Block sizes of block diffusion over the steps (`block_size_at`), and learning-rate schedules
+as multipliers of each group's base LR: linear warmup, then cosine to
 `min_lr_ratio`, WSD (warmup–stable–decay: flat, then linear decay over the last
 `decay_fraction` of steps), or constant.
 
@@ -27,3 +28,25 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return 1.0
     progress = (step - decay_start) / max(total - decay_start, 1)
     return 1.0 - (1.0 - s.min_lr_ratio) * min(progress, 1.0)
+
+
+def block_size_at(step: int, cfg: TrainConfig) -> int | None:
+    """The block size of block diffusion at `step` (None: the whole response, plain masked
+    diffusion): `diffusion.block_schedule`'s warmup–stable–decay, else `diffusion.block_size`."""
+    d = cfg.diffusion
+    if d.block_schedule is None:
+        return d.block_size
+    ratios, total = d.block_schedule.phase_ratios, cfg.max_steps
+    warmup_end, stable_end = round(ratios[0] * total), round((ratios[0] + ratios[1]) * total)
+    if step < warmup_end:
+        sizes, start, length = d.block_schedule.warmup_sizes, 0, warmup_end
+    elif step < stable_end:
+        return None
+    else:
+        sizes, start, length = d.block_schedule.decay_sizes, stable_end, total - stable_end
+    return sizes[min((step - start) * len(sizes) // max(length, 1), len(sizes) - 1)]
+
+
+def final_block_size(cfg: TrainConfig) -> int | None:
+    """The block size the run ends with: the exported model decodes with it."""
+    return block_size_at(cfg.max_steps - 1, cfg)

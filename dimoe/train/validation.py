@@ -19,6 +19,7 @@ import torch
 from dimoe.config.train import TrainConfig
 from dimoe.train.batch import TrainBatch
 from dimoe.train.objective import heldout_loss
+from dimoe.train.schedule import final_block_size
 
 DATASET = "validation"  # the Ray Train dataset of the held-out rows (not split between workers)
 
@@ -65,7 +66,7 @@ class Validator:
         losses = [
             heldout_loss(
                 model, self.cfg, batch, mask_token_id=mask_token_id, encode_images=base.encode_images,
-                seed=self.cfg.seed + i,
+                seed=self.cfg.seed + i, block_size=final_block_size(self.cfg),
             ) * batch.input_ids.shape[0]
             for i, batch in enumerate(self.batches)
         ]  # fmt: skip
