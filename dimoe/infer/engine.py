@@ -105,7 +105,9 @@ class ModelLogits:
         self.attention_mask = torch.cat([prompt_real, response], dim=1)
         self.prefix_mask = torch.cat([prompt_real, ~response], dim=1)
         self.prefix = None
-        if cache != "none" and model.config.attention == "prefix":
+        # A `block` model's committed blocks are cached exactly, whatever cache is asked (not `none`).
+        self.exact_blocks = cache != "none" and model.config.attention == "block"
+        if cache != "none" and model.config.attention in ("prefix", "block"):
             everyone = torch.arange(len(self.prompt), device=self.prompt.device)
             self.prefix = model(
                 self.prompt,
@@ -116,9 +118,12 @@ class ModelLogits:
             ).prefix_cache
         self._prefix_rows: tuple[torch.Tensor, PrefixCache] | None = None
         self._block: tuple[torch.Tensor, BlockCache] | None = None
+        self._committed: tuple[torch.Tensor, PrefixCache] | None = None  # rows, prompt + committed blocks
 
     def __call__(self, tokens: torch.Tensor, rows: torch.Tensor, window: slice) -> torch.Tensor:
         with nvtx_range("decode_step", self.nvtx):  # one denoising forward (DIMOE_NVTX=1, CUDA)
+            if self.exact_blocks and torch.equal(tokens[:, : self.prompt.shape[1]], self.prompt[rows]):
+                return self.exact_block(tokens, rows, window)
             if self.cache == "block":
                 return self.block(tokens, rows, window)
             return self.forward(tokens, rows, window)[0]
@@ -172,6 +177,23 @@ class ModelLogits:
             return logits
         return self.model(tokens[:, window], block_cache=cache).logits
 
+    def exact_block(self, tokens: torch.Tensor, rows: torch.Tensor, window: slice) -> torch.Tensor:
+        """Logits of `window`, one block of a `block`-attention model, from its tokens alone beside
+        the keys/values of the prompt and the committed blocks before it. Those never see a later
+        block, so their cache is exact, as an AR model's; it grows by one forward of each block
+        once the block is committed (the first call of the next block)."""
+        cached_rows, cache = self._committed or (rows, self._prefix_of(rows))
+        if not torch.equal(cached_rows, rows):  # finished rows dropped: keep the others' cache
+            cache = cache.select(torch.searchsorted(cached_rows, rows))
+        size = self.model.config.block_size
+        for start in range(cache.attention_mask.shape[1], window.start, size):
+            committed = tokens[:, start : min(start + size, window.start)]
+            cache = cache.extend(
+                self.model(committed, prefix_cache=cache, return_prefix_cache=True).prefix_cache
+            )
+        self._committed = (rows, cache)
+        return self.model(tokens[:, window], prefix_cache=cache).logits
+
     def _block_cache(self, rows: torch.Tensor, start: int) -> BlockCache | None:
         """The block cache of `rows` for the block at `start`, or None when it must be refreshed."""
         if self._block is None or self._block[1].start != start:
@@ -220,6 +242,9 @@ def iter_generate(
     `top_logprobs`: alternatives recorded per revealed token."""
     config = model.config
     check_context(batch.input_ids.shape[1], settings.gen_length, config.max_position_embeddings)
+    if config.attention == "block" and settings.block_length != config.block_size:
+        # a block model decodes its own blocks: the one it was trained to denoise given the earlier ones
+        settings = settings.model_copy(update={"block_length": config.block_size})
     device = batch.input_ids.device
     if seeds is None:
         generator: Generators = torch.Generator(device=device).manual_seed(settings.seed)

@@ -1,0 +1,49 @@
+"""A `block`-attention model decodes with its committed blocks' keys/values cached exactly: the
+same tokens and NFE as decoding without any cache, for both strategies."""
+
+import pytest
+import torch
+
+from dimoe.config.infer import DecodeSettings
+from dimoe.data.chat import Message, encode_chat
+from dimoe.infer.engine import PromptBatch, generate
+from dimoe.model.build import build_model
+
+
+@pytest.fixture(scope="module")
+def block_model(tiny_spec, tokenizer):
+    spec = tiny_spec.model_copy(update={"attention": "block", "block_size": 4, "vision": None})
+    return build_model(spec, tokenizer, seed=3).eval()
+
+
+def prompts(tokenizer) -> PromptBatch:
+    texts = ["Name colour number 1.", "What is two plus two, in words?"]
+    encoded = [
+        encode_chat(tokenizer, [Message("user", t)], add_generation_prompt=True).input_ids for t in texts
+    ]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
+    return PromptBatch(
+        ids, (torch.arange(width) >= width - torch.tensor([len(e) for e in encoded])[:, None]).long()
+    )
+
+
+@pytest.mark.parametrize("strategy", ["llada", "threshold"])
+def test_exact_block_cache_decodes_as_without_cache(block_model, tokenizer, strategy):
+    lengths = []
+    hook = block_model.embed_tokens.register_forward_pre_hook(
+        lambda _m, args: lengths.append(args[0].shape[1])
+    )
+    results = {}
+    for cache in ("none", "prefix"):
+        lengths.clear()
+        settings = DecodeSettings(
+            strategy=strategy, steps=12, gen_length=12, block_length=12, threshold=0.3, cache=cache
+        )  # block_length becomes the model's 4
+        results[cache] = (generate(block_model, prompts(tokenizer), settings), list(lengths))
+    hook.remove()
+    (plain, plain_lengths), (cached, cached_lengths) = results["none"], results["prefix"]
+    assert torch.equal(plain.output_ids, cached.output_ids) and torch.equal(plain.nfe, cached.nfe)
+    width = prompts(tokenizer).input_ids.shape[1]
+    assert set(plain_lengths) == {width + 12}  # every uncached forward runs prompt + response
+    assert set(cached_lengths) == {width, 4}  # the prompt once, then one block at a time
