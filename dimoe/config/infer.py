@@ -42,7 +42,13 @@ class DecodeSettings(StrictModel):
     top_k: int = Field(0, ge=0)  # sample among the k most likely tokens of a position (0 = all)
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # ... or among its top-p nucleus (1 = all)
     remasking: str = "low_confidence"  # `llada` strategy: which tokens a step reveals
-    cfg_scale: float = Field(0.0, ge=0.0)  # `llada` strategy: classifier-free guidance (0 = off)
+    cfg_scale: float = Field(0.0, ge=0.0)  # classifier-free guidance, both strategies (0 = off)
+    # `threshold` strategy, LLaDA2.0's per-step cap on the confident tokens revealed: a fraction of
+    # the block ramping from cap_start_ratio (first step of a block) to cap_end_ratio (last), and
+    # at most max_decode_per_step (0 = no limit); 1.0 / 1.0 / 0 = no cap
+    cap_start_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    cap_end_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    max_decode_per_step: int = Field(0, ge=0)
     # Keys/values reused across steps (dimoe.infer.engine.ModelLogits): `none`; `prefix`, the prompt's,
     # computed once (exact; `prefix`-mask models only, `none` for others); `block`, every position
     # outside the current block, refreshed at each block (Fast-dLLM's DualCache: approximate).

@@ -22,6 +22,7 @@ alternatives at that step): a diffusion model's analogue of an autoregressive to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -286,17 +287,32 @@ def llada_decode(
 
 
 def threshold_reveal_count(
-    confidence: torch.Tensor, masked_count: torch.Tensor, threshold: float, steps_left: int
+    confidence: torch.Tensor, masked_count: torch.Tensor, threshold: float, steps_left: int, cap: int = 0
 ) -> torch.Tensor:
     """Tokens to reveal this step, Long[b]: every masked token of the block whose confidence is
     >= threshold, and at least ceil(masked / steps_left). The floor is what finishes the block
     within its step budget: revealing >= ceil(m / r) tokens at each of the r remaining steps
     empties the block at the last one. It is also >= 1 while anything is masked, and when no
     token is confident it equals LLaDA's schedule, so threshold decoding never reveals fewer
-    tokens per step than `llada` with low-confidence remasking."""
+    tokens per step than `llada` with low-confidence remasking. `cap` > 0 bounds the confident
+    tokens revealed at once (LLaDA2.0's per-step cap), never below that floor."""
     confident = (confidence >= threshold).sum(dim=1)
+    if cap > 0:
+        confident = confident.clamp(max=cap)
     floor = (masked_count + steps_left - 1) // steps_left
     return torch.maximum(confident, floor)
+
+
+def reveal_cap(
+    step: int, steps: int, block_length: int, start_ratio: float, end_ratio: float, most: int
+) -> int:
+    """LLaDA2.0's cap on the tokens one step reveals: a fraction of the block that ramps linearly
+    from `start_ratio` at the block's first step to `end_ratio` at its last (1.0 and 1.0: none),
+    and at most `most` tokens (0: no limit). 0 means no cap."""
+    ratio = start_ratio + (end_ratio - start_ratio) * step / max(steps - 1, 1)
+    cap = block_length if ratio >= 1.0 else max(1, math.ceil(ratio * block_length))
+    cap = min(cap, most) if most > 0 else cap
+    return 0 if cap >= block_length else cap
 
 
 def stop_at_eos(tokens: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor:
@@ -341,6 +357,10 @@ def threshold_decode(
     top_p: float = 1.0,
     top_logprobs: int = 0,
     stop: StopFn | None = None,
+    cfg_scale: float = 0.0,
+    cap_start_ratio: float = 1.0,
+    cap_end_ratio: float = 1.0,
+    max_decode_per_step: int = 0,
 ) -> Iterator[DecodeState]:
     """Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025, arXiv:2505.22618) within
     LLaDA's block schedule and step budget, with early stop at EOS.
@@ -356,7 +376,10 @@ def threshold_decode(
          or once `stop` finds a stop sequence in its decided text: its remaining positions become
          EOS and it leaves the batch.
     A row whose block is complete waits for the others without a forward pass, so NFE is counted
-    per row: each forward counts once for every row it includes.
+    per row: each forward counts once for every row it includes (twice with CFG).
+    LLaDA2.0's controls: classifier-free guidance (`cfg_scale`, as in `llada`), a per-step cap on
+    the confident tokens revealed ramping from `cap_start_ratio` to `cap_end_ratio` of the block,
+    and at most `max_decode_per_step` (`reveal_cap`); `top_k` keeps the candidates of each position.
     """
     num_blocks, steps_per_block = check_schedule(steps, gen_length, block_length)
     batch, prompt_length = prompt.shape
@@ -366,6 +389,7 @@ def threshold_decode(
     nfe = torch.zeros(batch, dtype=torch.long, device=prompt.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     reveals = RevealRecord(batch, gen_length, top_logprobs, prompt.device)
+    prompt_index = x != mask_id
     steps_used = 0
     for block in range(num_blocks):
         window = slice(prompt_length + block * block_length, prompt_length + (block + 1) * block_length)
@@ -375,13 +399,18 @@ def threshold_decode(
             if rows.numel() == 0:
                 break
             current = x[rows, window]
-            logits = logits_fn(x[rows], rows, window)
+            logits = guided_logits(logits_fn, x[rows], rows, window, prompt_index[rows], mask_id, cfg_scale)
             x0, probability = predict(logits, temperature, rows_of(generator, rows), top_k, top_p)
-            nfe[rows] += 1
+            nfe[rows] += 2 if cfg_scale > 0 else 1
             steps_used += 1
             masked = current == mask_id
             confidence = probability.masked_fill(~masked, -torch.inf)
-            count = threshold_reveal_count(confidence, masked.sum(dim=1), threshold, steps_per_block - step)
+            cap = reveal_cap(
+                step, steps_per_block, block_length, cap_start_ratio, cap_end_ratio, max_decode_per_step
+            )
+            count = threshold_reveal_count(
+                confidence, masked.sum(dim=1), threshold, steps_per_block - step, cap
+            )
             revealed = top_k_per_row(confidence, count)
             x[rows, window] = torch.where(revealed, x0, current)
             reveals.update(rows, columns, revealed, probability, logits)

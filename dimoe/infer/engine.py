@@ -269,7 +269,8 @@ def iter_generate(
     else:
         yield from threshold_decode(
             logits, batch.input_ids, eos_id=config.eos_token_id, threshold=settings.threshold, stop=stop,
-            **shared,
+            cfg_scale=settings.cfg_scale, cap_start_ratio=settings.cap_start_ratio,
+            cap_end_ratio=settings.cap_end_ratio, max_decode_per_step=settings.max_decode_per_step, **shared,
         )  # fmt: skip
 
 
