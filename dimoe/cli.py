@@ -415,6 +415,37 @@ def infer_generate(
     print_json(summary)
 
 
+@infer_app.command("compare-styles")
+@user_errors
+def infer_compare_styles(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="Text file, one prompt per line.")] = None,
+    gen_length: int = 64,
+    block_length: int = 32,
+    threshold: float = 0.9,
+) -> None:
+    """LLaDA-1.0-style (`llada`, one token per step) vs LLaDA-2.0-style (block + threshold)
+    decoding of the same prompts: outputs, NFE, tokens/s, tokens per forward."""
+    from rich.table import Table
+
+    from dimoe.infer.styles import compare_styles
+
+    prompts = list(prompt or []) + (prompts_file.read_text().splitlines() if prompts_file else [])
+    if not [p for p in prompts if p.strip()]:
+        raise UserError("give --prompt (repeatable) or --prompts-file")
+    report = compare_styles(checkpoint, [p for p in prompts if p.strip()], gen_length=gen_length,
+                            block_length=block_length, threshold=threshold)  # fmt: skip
+    styles = [name for name in report if name.startswith("llada-")]
+    table = Table("", *styles, title=f"{checkpoint} ({report['attention']} attention)")
+    for key in ("mean_nfe", "tokens_per_s", "tokens_per_forward"):
+        table.add_row(key, *(f"{report[s][key]:.2f}" for s in styles))
+    for i, text in enumerate(prompts[:5]):
+        table.add_row(f"output {i}: {text[:30]}", *(repr(report[s]["outputs"][i][:60]) for s in styles))
+    Console(stderr=True).print(table)
+    print_json(report)
+
+
 @infer_app.command("benchmark")
 @user_errors
 def infer_benchmark(

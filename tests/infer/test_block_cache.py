@@ -47,3 +47,24 @@ def test_exact_block_cache_decodes_as_without_cache(block_model, tokenizer, stra
     width = prompts(tokenizer).input_ids.shape[1]
     assert set(plain_lengths) == {width + 12}  # every uncached forward runs prompt + response
     assert set(cached_lengths) == {width, 4}  # the prompt once, then one block at a time
+
+
+def test_compare_styles_prints_both_styles_of_one_checkpoint(block_model, tokenizer, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dimoe.cli import app
+    from dimoe.model.build import save_checkpoint
+
+    save_checkpoint(block_model, tokenizer, tmp_path / "ckpt")
+    result = CliRunner().invoke(
+        app, ["infer", "compare-styles", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Name colour 1.",
+              "--prompt", "Count the squares.", "--gen-length", "16", "--block-length", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    one, two = report["llada-1.0"], report["llada-2.0"]
+    assert report["attention"] == "block" and len(one["outputs"]) == len(two["outputs"]) == 2
+    assert one["mean_nfe"] == 16  # one token per step
+    assert 4 <= two["mean_nfe"] <= 16 and two["tokens_per_forward"] >= one["tokens_per_forward"]
