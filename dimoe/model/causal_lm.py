@@ -110,6 +110,8 @@ def convert_causal_lm(
     from dimoe.model.build import build_model, save_checkpoint
 
     directory = Path(directory)
+    if read_hf_config(directory).get("model_type") == "dimoe_vl":
+        return _remask_dimoe(directory, Path(out), base, experts)
     tokenizer = load_tokenizer(directory)
     vision = (base.vision or VisionConfig()) if vision_from else None
     spec = causal_lm_spec(read_hf_config(directory), base, experts, top_k).model_copy(
@@ -129,3 +131,19 @@ def convert_causal_lm(
         "ignored": report["ignored"],
         "added_tokens": len(added),
     }
+
+
+def _remask_dimoe(directory: Path, out: Path, base: ModelConfig, experts: int) -> dict[str, Any]:
+    """A DiMoE checkpoint trained with `objective: ar` (its `causal` mask) given `base`'s mask and
+    block size: the AR-pretrained model of the route, ready for diffusion training."""
+    from dimoe.model.build import load_checkpoint, save_checkpoint
+
+    model, tokenizer = load_checkpoint(directory)
+    if model.config.attention != "causal" or experts:
+        raise ImportErrorDetail(
+            f"{directory} is a DiMoE checkpoint with {model.config.attention!r} attention: convert-ar takes "
+            "one trained with objective: ar (causal), and upcycles only a transformers causal LM (--experts)"
+        )
+    model.config.attention, model.config.block_size = base.attention, base.block_size
+    save_checkpoint(model, tokenizer, out)
+    return {"out": str(out), "from": str(directory), "layout": "as trained", "attention": base.attention}

@@ -99,6 +99,12 @@ def check_objective(cfg: TrainConfig) -> None:
         attention = read_json(Path(cfg.init_from) / "config.json").get("attention", "prefix")
     else:
         attention = load_config(cfg.model, ModelConfig).attention
+    blocks = cfg.diffusion.block_size is not None or cfg.diffusion.block_schedule is not None
+    if blocks and attention != "block":
+        raise ConfigError(
+            f"{cfg.stage}: diffusion.block_size / block_schedule train block diffusion, which needs a model "
+            f"with attention: block (this one has {attention!r}; `dimoe model convert-ar --attention block`)"
+        )
     if (cfg.objective == "ar") != (attention == "causal"):
         fix = "set the model's attention to causal" if cfg.objective == "ar" else "use objective: ar"
         raise ConfigError(

@@ -270,10 +270,19 @@ def _forward_views(
     ids, real, positions, mask = block_layout(
         noised.noisy_ids, clean, attention_mask, prefix_mask, block_size
     )
-    return model(
-        ids, real.long(), image_features=features, position_ids=positions, layout_mask=mask,
-        logits_positions=slice(0, noised.noisy_ids.shape[1]),
-    )  # fmt: skip
+    noisy = slice(0, noised.noisy_ids.shape[1])
+    out = model(
+        ids,
+        real.long(),
+        image_features=features,
+        position_ids=positions,
+        layout_mask=mask,
+        logits_positions=noisy,
+    )
+    # The routing losses and telemetry read the noisy sequence, as without blocks.
+    for name in ("router_logits", "router_probs", "router_topk"):
+        setattr(out, name, tuple(per_layer[:, noisy] for per_layer in getattr(out, name)))
+    return out
 
 
 def block_layout(
