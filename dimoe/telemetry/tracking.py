@@ -27,7 +27,11 @@ def mlflow_uri(spec: TrackingSpec, output_dir: Path) -> str:
 
 
 def wandb_mode() -> str:
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    """Offline without WANDB_API_KEY; Ray's W&B setup asks for a key unless WANDB_MODE says so."""
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return os.environ["WANDB_MODE"]
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,6 +3,7 @@ pieces against independent references in-process, then real Ray Train + DeepSpee
 local cluster."""
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -117,8 +118,12 @@ def test_lora_under_zero2_trains_only_adapters_and_exports_base_plus_ba(ray_clus
     lora = "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj, experts.gate_up_proj]}"
     frozen = [f"groups.{g}.train=false" for g in ("vision", "projector", "router")]
     cfg = _stage(blend_root, "lora", lora, "gradient_checkpointing=true", "max_steps=3",
-                 "groups.backbone.lr=1e-2", *frozen)  # fmt: skip
+                 "groups.backbone.lr=1e-2", "tracking.backend=wandb", *frozen)  # fmt: skip
     result = run_stage(cfg, progress=False)
+    if not os.environ.get("WANDB_API_KEY"):  # W&B offline: a run folder with its log and the stage's logs
+        (run,) = (blend_root / "lora" / "wandb").glob("offline-run-*")
+        assert next(run.glob("run-*.wandb")).stat().st_size > 0
+        assert (run / "files" / "logs" / "train_metrics.jsonl").is_file()
     tokenizer = load_checkpoint(result.final_dir)[1]
     initial = build_model(load_config(cfg.model, ModelConfig), tokenizer, seed=cfg.seed).state_dict()
     merged = load_checkpoint(result.final_dir)[0].state_dict()
