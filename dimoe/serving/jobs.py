@@ -113,6 +113,11 @@ def choice_jobs(
     ]
 
 
+# The DecodeSettings fields only the native request carries (the OpenAI ones map theirs).
+NATIVE_ONLY_FIELDS = {"gen_length", "temperature", "top_p", "remasking", "cfg_scale", "cap_start_ratio",
+                      "cap_end_ratio", "max_decode_per_step"}  # fmt: skip
+
+
 def generate_job(
     body: GenerateRequest, limits: LimitsConfig, request_id: str, image: bytes | None = None
 ) -> DecodeJob:
@@ -123,9 +128,7 @@ def generate_job(
         image = decode_base64_image(body.image, limits)
     elif image:
         image = check_image(image, limits, "image")
-    overrides = decode_overrides(
-        body, **body.model_dump(include={"gen_length", "temperature", "top_p", "remasking", "cfg_scale"})
-    )
+    overrides = decode_overrides(body, **body.model_dump(include=NATIVE_ONLY_FIELDS))
     request = Request(body.id or request_id, prompt=body.prompt, image=image or None, seed=body.seed)
     return DecodeJob(request, body.preset, overrides)
 

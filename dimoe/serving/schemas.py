@@ -172,3 +172,6 @@ class GenerateRequest(DecodeFields):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     remasking: str | None = None
     cfg_scale: float | None = Field(None, ge=0.0)
+    cap_start_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    cap_end_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    max_decode_per_step: int | None = Field(None, ge=0)

@@ -18,6 +18,8 @@ ADDED_KEYS = {
     "moe_dispatch": "auto",
     "partial_rotary_factor": 1.0,
     "router_expert_bias": False,
+    "attention_bias": False,
+    "block_size": 32,
 }
 # config.json of configs/model/tiny.yaml (minus `transformers_version`): a new key or value here
 # changes every checkpoint on disk.
@@ -96,7 +98,7 @@ def test_text_only_spec_has_no_vision_config(tiny_spec):
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"attention": "causal"}, "'full' or 'prefix'"),
+        ({"attention": "sliding"}, "'full', 'prefix', 'causal' or 'block'"),
         ({"num_experts_per_tok": 9}, "exceeds num_experts"),
         ({"hidden_size": 0}, "greater than 0"),
     ],
