@@ -183,15 +183,17 @@ class ModelLogits:
         block, so their cache is exact, as an AR model's; it grows by one forward of each block
         once the block is committed (the first call of the next block)."""
         cached_rows, cache = self._committed or (rows, self._prefix_of(rows))
-        if not torch.equal(cached_rows, rows):  # finished rows dropped: keep the others' cache
+        # A strategy drops rows that are finished or done with the block, and brings the latter back
+        # at the next block: the stored cache keeps every row it had, each call takes its own rows.
+        if not torch.equal(cached_rows, rows):
             cache = cache.select(torch.searchsorted(cached_rows, rows))
         size = self.model.config.block_size
-        for start in range(cache.attention_mask.shape[1], window.start, size):
-            committed = tokens[:, start : min(start + size, window.start)]
-            cache = cache.extend(
-                self.model(committed, prefix_cache=cache, return_prefix_cache=True).prefix_cache
-            )
-        self._committed = (rows, cache)
+        if cache.attention_mask.shape[1] < window.start:
+            for start in range(cache.attention_mask.shape[1], window.start, size):
+                committed = tokens[:, start : min(start + size, window.start)]
+                out = self.model(committed, prefix_cache=cache, return_prefix_cache=True)
+                cache = cache.extend(out.prefix_cache)
+            self._committed = (rows, cache)  # the rows of a block's first call: all that go on
         return self.model(tokens[:, window], prefix_cache=cache).logits
 
     def _block_cache(self, rows: torch.Tensor, start: int) -> BlockCache | None:

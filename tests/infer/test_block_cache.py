@@ -68,3 +68,22 @@ def test_compare_styles_prints_both_styles_of_one_checkpoint(block_model, tokeni
     assert report["attention"] == "block" and len(one["outputs"]) == len(two["outputs"]) == 2
     assert one["mean_nfe"] == 16  # one token per step
     assert 4 <= two["mean_nfe"] <= 16 and two["tokens_per_forward"] >= one["tokens_per_forward"]
+
+
+def test_exact_block_cache_serves_rows_that_leave_a_block_early_and_come_back(block_model, tokenizer):
+    """Threshold decoding drops a row whose block is done and brings it back at the next block:
+    every call must match the uncached logits of its own rows."""
+    from dimoe.infer.engine import ModelLogits
+
+    batch = prompts(tokenizer)
+    width, mask = batch.input_ids.shape[1], block_model.config.mask_token_id
+    tokens = torch.full((2, width + 12), mask)
+    tokens[:, :width] = batch.input_ids
+    tokens[:, width : width + 4] = torch.randint(10, 300, (2, 4), generator=torch.Generator().manual_seed(0))
+    cached, plain = ModelLogits(block_model, batch, 12, "prefix"), ModelLogits(block_model, batch, 12, "none")
+    both, second = torch.tensor([0, 1]), torch.tensor([1])
+    calls = [(both, slice(width, width + 4)), (second, slice(width, width + 4)),
+             (both, slice(width + 4, width + 8)), (second, slice(width + 8, width + 12))]  # fmt: skip
+    with torch.no_grad():
+        for rows, window in calls:
+            torch.testing.assert_close(cached(tokens[rows], rows, window), plain(tokens[rows], rows, window))
