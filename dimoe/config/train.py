@@ -76,6 +76,11 @@ class BlockScheduleSpec(StrictModel):
             raise ValueError(f"block_schedule.phase_ratios {self.phase_ratios} must be >= 0 and sum to 1")
         if not self.decay_sizes or min(self.warmup_sizes + self.decay_sizes) < 1:
             raise ValueError("block_schedule: decay_sizes must be non-empty and every size >= 1")
+        if self.phase_ratios[2] <= 0 or (self.phase_ratios[0] > 0 and not self.warmup_sizes):
+            raise ValueError(
+                "block_schedule: the decay phase needs a share of the steps (it sets the block size the "
+                "model ends on), and a warmup share needs warmup_sizes"
+            )
         return self
 
 
@@ -252,6 +257,10 @@ class TrainConfig(StrictModel):
         t = self.diffusion.timesteps
         if t.t_min >= t.t_max:
             raise ValueError(f"diffusion.timesteps: t_min {t.t_min} must be below t_max {t.t_max}")
+        if self.objective == "ar" and self.validation.decode_rows:
+            raise ValueError(
+                "validation.decode_rows scores a diffusion decode; an `objective: ar` run has none"
+            )
         if self.diffusion.views == "single" and self.losses.lambda_cons > 0:
             raise ValueError(
                 "losses.lambda_cons needs two views: set diffusion.views to complementary, independent "

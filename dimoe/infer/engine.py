@@ -124,6 +124,8 @@ class ModelLogits:
         with nvtx_range("decode_step", self.nvtx):  # one denoising forward (DIMOE_NVTX=1, CUDA)
             if self.exact_blocks and torch.equal(tokens[:, : self.prompt.shape[1]], self.prompt[rows]):
                 return self.exact_block(tokens, rows, window)
+            if self.model.config.attention == "block":  # CFG's prompt-masked half: no cache is exact
+                return self.forward(tokens, rows, window)[0]
             if self.cache == "block":
                 return self.block(tokens, rows, window)
             return self.forward(tokens, rows, window)[0]
@@ -246,6 +248,14 @@ def iter_generate(
     check_context(batch.input_ids.shape[1], settings.gen_length, config.max_position_embeddings)
     if config.attention == "block" and settings.block_length != config.block_size:
         # a block model decodes its own blocks: the one it was trained to denoise given the earlier ones
+        if settings.gen_length % config.block_size or settings.steps % (
+            settings.gen_length // config.block_size
+        ):
+            raise UserError(
+                f"this model decodes blocks of its block_size {config.block_size}: gen_length "
+                f"({settings.gen_length}) must be a multiple of it and steps ({settings.steps}) a multiple "
+                "of the number of blocks"
+            )
         settings = settings.model_copy(update={"block_length": config.block_size})
     device = batch.input_ids.device
     if seeds is None:

@@ -34,12 +34,15 @@ def causal_lm_spec(cfg: dict[str, Any], base: ModelConfig, experts: int = 0, top
             f"model_type {model_type!r} is not a supported causal LM ({', '.join(CAUSAL_LM_TYPES)})"
         )
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    context = cfg.get("max_position_embeddings", 0)
     _refuse({**cfg, "rope_type": rope.get("rope_type", rope.get("type"))}, {
         "hidden_act": lambda v: v == "silu",
         "mlp_bias": lambda v: not v,
         # Llama's attention_bias puts a bias on o_proj too, which DiMoE's attention has not
         "attention_bias": lambda v: not v or model_type == "qwen2",
         "use_sliding_window": lambda v: not v,
+        # Mistral attends within a window whenever one is set; DiMoE attends to every position
+        "sliding_window": lambda v: model_type != "mistral" or v is None or v >= context,
         "rope_type": lambda v: v in (None, "default"),
     })  # fmt: skip
     layers, inter = cfg["num_hidden_layers"], cfg["intermediate_size"]

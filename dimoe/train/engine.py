@@ -152,7 +152,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 continue
             params, grads, buffers = [], [], []
             for p in (p for p in group["params"] if p.grad is not None):
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffer = self.state[p]["momentum_buffer"]
                 params += p.unbind(0) if p.ndim == 3 else [p]  # views: updates land in `p`
                 grads += p.grad.unbind(0) if p.ndim == 3 else [p.grad]
                 buffers += buffer.unbind(0) if p.ndim == 3 else [buffer]

@@ -34,7 +34,7 @@ from dimoe.telemetry.tracking import Tracker
 from dimoe.train.batch import TrainBatch, collate, length_grouped
 from dimoe.train.engine import build_engine
 from dimoe.train.objective import StepOutput, ar_training_step, estimate_proposal, training_step
-from dimoe.train.schedule import block_size_at, final_block_size
+from dimoe.train.schedule import block_size_at, final_block_size, model_block_size
 from dimoe.train.telemetry import JsonlLogger, RoutingGauges, gradient_stats
 from dimoe.train.validation import DATASET as VALIDATION_DATASET
 from dimoe.train.validation import Validator
@@ -252,6 +252,7 @@ class Trainer:
         proposal, estimate = estimate_proposal(
             self.engine, self.cfg, self.to_batch(rows), self.generator,
             mask_token_id=self.model_config.mask_token_id, encode_images=self.base.encode_images,
+            block_size=model_block_size(block_size_at(self.step, self.cfg), self.model_config.attention),
         )  # fmt: skip
         cdf = proposal.cdf.to(self.engine.device)
         if self.world > 1:
@@ -297,7 +298,7 @@ class Trainer:
             collect_routing=log_step and self.rank == 0,
             blank_image=self.blank_image,
             proposal=self.proposal,
-            block_size=block_size_at(self.step, self.cfg),
+            block_size=model_block_size(block_size_at(self.step, self.cfg), self.model_config.attention),
         )
 
     def to_batch(self, rows: dict[str, np.ndarray]) -> TrainBatch:

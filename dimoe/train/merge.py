@@ -69,12 +69,15 @@ def merge_top_k(
             f"{stage_dir / 'final'} is missing: the merge takes the model's config and tokenizer from it"
         )
     chosen = ranked[:top_k]
-    weights = [checkpoint_weights(folder) for _, folder, _ in chosen]
-    if any(name.startswith("base_model.model.") for name in weights[0]):
+    total: dict[str, torch.Tensor] = {}
+    for _, folder, _ in chosen:  # a running sum: one checkpoint's weights in memory at a time
+        for name, tensor in checkpoint_weights(folder).items():
+            total[name] = total[name] + tensor if name in total else tensor.double()
+    if any(name.startswith("base_model.model.") for name in total):
         raise UserError(
-            f"{stage_dir} is a LoRA run: merge its checkpoints' adapters, not full weights (not supported)"
+            f"{stage_dir} is a LoRA run: its checkpoints hold adapters; merging them is not supported"
         )
-    mean = {name: torch.stack([w[name] for w in weights]).mean(dim=0) for name in weights[0]}
+    mean = {name: tensor / top_k for name, tensor in total.items()}
     model, tokenizer = load_checkpoint(stage_dir / "final")
     dtype = next(model.parameters()).dtype
     model.load_state_dict({name: value.to(dtype) for name, value in mean.items()}, strict=True)

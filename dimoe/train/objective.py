@@ -34,6 +34,7 @@ from dimoe.diffusion import (
     view_consistency_loss,
 )
 from dimoe.diffusion.ppots import Proposal, fit_proposal, loss_moments, optimal_shape
+from dimoe.model.attention import build_attention_mask
 from dimoe.train.batch import MODALITIES, TrainBatch
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def estimate_proposal(
     *,
     mask_token_id: int,
     encode_images: Callable[[torch.Tensor], torch.Tensor],
+    block_size: int | None = None,
 ) -> tuple[Proposal, dict[str, list[float]]]:
     """P-POTS: m(t) and v(t) of the per-row loss of the current model on a grid of t (the first
     `num_rows` rows of `batch` × `num_masks` single-view masks each), and the proposal fitted to
@@ -111,7 +113,7 @@ def estimate_proposal(
     def row_losses(t: float) -> torch.Tensor:
         level = torch.full((rows.input_ids.shape[0],), t)
         noised = make_views(cfg, rows, mask_token_id, generator, t=level, views="single")
-        out = _forward_views(model, rows, noised, features)
+        out = _forward_views(model, rows, noised, features, block_size)
         token_weight, answer_lengths = _eos_padding_weights(cfg, rows, noised)
         return per_row_diffusion_loss(
             out.logits, rows.input_ids, noised.masked, noised.p, answer_lengths,
@@ -193,8 +195,7 @@ def training_step(
     losses = cfg.losses
     row_weight = None if is_weight is None else is_weight.repeat(noised.num_views)
     diff = _diffusion_loss(cfg, batch, noised, out, row_weight)
-    balance = _balance_loss(cfg, out, noised, visible)
-    z = router_z_loss(out.router_logits, batch.attention_mask.repeat(noised.num_views, 1))
+    balance, z = _router_losses(cfg, out, noised, visible, batch.attention_mask.repeat(noised.num_views, 1))
     total = diff.value + losses.lambda_bal * balance.value + losses.lambda_z * z.value
     if features is None and blank_image is not None:
         total = total + 0.0 * encode_images(blank_image).sum()
@@ -211,7 +212,7 @@ def training_step(
             total = total + weight * term.value
     metrics["loss"] = total.item()
     routing = {}
-    if collect_routing:
+    if collect_routing and out.router_probs:
         routing = _routing_stats(out, noised, batch, visible, cfg.diffusion.num_t_buckets, consistency)
     return StepOutput(total, metrics, routing)
 
@@ -233,10 +234,11 @@ def ar_training_step(
     logits = out.logits[:, :-1][supervised].float()
     ar = torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][supervised])
     mask = batch.attention_mask
-    balance = stratified_balance_loss(
-        out.router_probs, out.router_topk, mask, torch.zeros_like(mask[:, 0]).long(), 1
-    )
-    z = router_z_loss(out.router_logits, mask)
+    balance, z = LossOutput(ar.new_zeros(())), LossOutput(ar.new_zeros(()))
+    if out.router_probs:  # one global balance bucket: there is no t
+        everything = torch.zeros_like(mask[:, 0]).long()
+        balance = stratified_balance_loss(out.router_probs, out.router_topk, mask, everything, 1)
+        z = router_z_loss(out.router_logits, mask)
     total = ar + cfg.losses.lambda_bal * balance.value + cfg.losses.lambda_z * z.value
     if features is None and blank_image is not None:  # see training_step
         total = total + 0.0 * encode_images(blank_image).sum()
@@ -256,16 +258,23 @@ def _forward_views(
     block_size: int | None = None,
 ) -> DiMoEOutput:
     """One model call on all views stacked along the batch; the image features are shared. With
-    `block_size` shorter than the response, block diffusion: `block_layout`."""
+    `block_size` shorter than the response, block diffusion (`block_layout`); at least as long, the
+    `prefix` mask over the whole response (a `block` model's full-sequence steps)."""
     views = noised.num_views
     attention_mask = batch.attention_mask.repeat(views, 1)
     prefix_mask = batch.prefix_mask.repeat(views, 1)
     features = torch.cat([features] * views) if features is not None else None
     response = int(batch.response_mask.sum(dim=1).max())
-    if block_size is None or block_size >= response:
+    if block_size is None:  # the model's own mask
         return model(
             noised.noisy_ids, attention_mask.long(), prefix_mask=prefix_mask, image_features=features
         )
+    if block_size >= response:  # masked diffusion over the whole response, whatever the model's mask
+        real, prefix = attention_mask.bool(), prefix_mask.bool() & attention_mask.bool()
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        mask = build_attention_mask(real, prefix, prefix)
+        return model(noised.noisy_ids, attention_mask.long(), image_features=features, position_ids=positions,
+                     layout_mask=mask)  # fmt: skip
     clean = batch.input_ids[:, -response:].repeat(views, 1)
     ids, real, positions, mask = block_layout(
         noised.noisy_ids, clean, attention_mask, prefix_mask, block_size
@@ -326,6 +335,16 @@ def _diffusion_loss(
     )  # fmt: skip
 
 
+def _router_losses(
+    cfg: TrainConfig, out: DiMoEOutput, noised: NoisedBatch, visible: torch.Tensor, real: torch.Tensor
+) -> tuple[LossOutput, LossOutput]:
+    """The balance and z losses of the routers; zero for a dense model (no MoE layer)."""
+    if not out.router_probs:
+        zero = LossOutput(out.logits.new_zeros(()))
+        return zero, zero
+    return _balance_loss(cfg, out, noised, visible), router_z_loss(out.router_logits, real)
+
+
 def _balance_loss(
     cfg: TrainConfig, out: DiMoEOutput, noised: NoisedBatch, visible: torch.Tensor
 ) -> LossOutput:
@@ -351,13 +370,14 @@ def _optional_terms(
     returned for the routing stats) and CAP (docs/design.md §4)."""
     losses, k = cfg.losses, cfg.diffusion.num_t_buckets
     terms: dict[str, tuple[float, LossOutput]] = {}
-    if losses.lambda_prior > 0 and prior is not None:
+    routed = bool(out.router_probs)  # a dense model has no router
+    if losses.lambda_prior > 0 and prior is not None and routed:
         with torch.no_grad():
             prior.update(mean_router_distribution(out.router_probs, visible))
         prior_loss = routing_prior_loss(out.router_probs, visible, noised.bucket, k, prior.prior)
         terms["loss_prior"] = (losses.lambda_prior, prior_loss)
     consistency = None
-    if noised.num_views == 2:
+    if noised.num_views == 2 and routed:
         b = batch.input_ids.shape[0]
         consistency = view_consistency_loss(
             [p[:b] for p in out.router_probs],

@@ -49,4 +49,15 @@ def block_size_at(step: int, cfg: TrainConfig) -> int | None:
 
 def final_block_size(cfg: TrainConfig) -> int | None:
     """The block size the run ends with: the exported model decodes with it."""
-    return block_size_at(cfg.max_steps - 1, cfg)
+    if cfg.diffusion.block_schedule is not None:
+        return cfg.diffusion.block_schedule.decay_sizes[-1]
+    return cfg.diffusion.block_size
+
+
+WHOLE_RESPONSE = 2**31 - 1  # a block size no response reaches: masked diffusion over all of it
+
+
+def model_block_size(size: int | None, attention: str) -> int | None:
+    """The block size a training forward is given: a `block` model must be told when a step is
+    full-sequence diffusion (its own mask would cut the response into its configured blocks)."""
+    return WHOLE_RESPONSE if size is None and attention == "block" else size

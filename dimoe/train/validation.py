@@ -20,7 +20,7 @@ import torch
 from dimoe.config.train import TrainConfig
 from dimoe.train.batch import TrainBatch
 from dimoe.train.objective import heldout_loss
-from dimoe.train.schedule import final_block_size
+from dimoe.train.schedule import final_block_size, model_block_size
 
 DATASET = "validation"  # the Ray Train dataset of the held-out rows (not split between workers)
 
@@ -71,10 +71,11 @@ class Validator:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if self.cfg.objective == "ar":  # the next-token loss of the held-out rows
             return {"val_loss": self.ar_loss(model, base)}
+        block_size = model_block_size(final_block_size(self.cfg), base.config.attention)
         losses = [
             heldout_loss(
                 model, self.cfg, batch, mask_token_id=mask_token_id, encode_images=base.encode_images,
-                seed=self.cfg.seed + i, block_size=final_block_size(self.cfg),
+                seed=self.cfg.seed + i, block_size=block_size,
             ) * batch.input_ids.shape[0]
             for i, batch in enumerate(self.batches)
         ]  # fmt: skip
@@ -87,11 +88,14 @@ class Validator:
     def ar_loss(self, model: torch.nn.Module, base: torch.nn.Module) -> float:
         from dimoe.train.objective import ar_training_step
 
+        was_training = model.training
+        model.eval()
         losses = [
             ar_training_step(model, self.cfg, batch, encode_images=base.encode_images).metrics["loss_ar"]
             * batch.input_ids.shape[0]
             for batch in self.batches
         ]
+        model.train(was_training)
         return sum(losses) / self.rows
 
     @torch.no_grad()
@@ -115,13 +119,21 @@ class Validator:
         from dimoe.infer.engine import PromptBatch, generate
 
         # collate left-pads the prompts, so every response starts at the same column
-        gen = int(batch.response_mask.sum(dim=1).max())
-        prompt = slice(0, batch.input_ids.shape[1] - gen)
+        response = int(batch.response_mask.sum(dim=1).max())
+        prompt = slice(0, batch.input_ids.shape[1] - response)
         pixels = batch.pixel_values if batch.pixel_values.numel() else None
         prompts = PromptBatch(batch.input_ids[:, prompt], batch.attention_mask[:, prompt].long(), pixels)
-        steps = self.cfg.validation.decode_steps
+        # a `block` model decodes whole blocks of its own size, each in at least one step
+        block = model.config.block_size if model.config.attention == "block" else response
+        gen = -(-response // block) * block
+        steps = -(-max(self.cfg.validation.decode_steps, gen // block) // (gen // block)) * (gen // block)
         settings = DecodeSettings(
-            strategy="llada", steps=steps, gen_length=gen, block_length=gen, cache="none", seed=self.cfg.seed
+            strategy="llada",
+            steps=steps,
+            gen_length=gen,
+            block_length=block,
+            cache="none",
+            seed=self.cfg.seed,
         )
         out = generate(model, prompts, settings).output_ids
         answers = batch.input_ids[:, prompt.stop :]

@@ -85,6 +85,19 @@ def test_convert_ar_command_writes_an_upcycled_checkpoint(tokenizer, tmp_path):
     assert config["attention"] == "full" and config["num_experts"] == 4 and config["dense_layers"] == []
 
 
+def test_a_mistral_sliding_window_shorter_than_the_context_is_refused(tokenizer, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    FAMILIES["mistral"] = (MistralConfig, MistralForCausalLM)
+    try:
+        causal_lm("mistral", tokenizer, tmp_path / "ar", sliding_window=16)
+    finally:
+        del FAMILIES["mistral"]
+    base = load_config("configs/model/tiny.yaml", ModelConfig)
+    with pytest.raises(ImportErrorDetail, match="sliding_window=16"):
+        convert_causal_lm(tmp_path / "ar", tmp_path / "dimoe", base)
+
+
 def test_unsupported_rope_scaling_is_refused_by_name(tokenizer, tmp_path):
     scaling = {"rope_type": "linear", "factor": 2.0}
     causal_lm("llama", tokenizer, tmp_path / "ar", rope_scaling=scaling)

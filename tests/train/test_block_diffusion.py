@@ -88,3 +88,47 @@ def test_wsd_block_schedule_warms_up_holds_full_sequence_then_decays():
     assert block_size_at(7, TrainConfig(stage="s", diffusion={"block_size": 16})) == 16
     with pytest.raises(ValueError, match="sum to 1"):
         TrainConfig(stage="s", diffusion={"block_schedule": {"phase_ratios": [0.5, 0.5, 0.5]}})
+    with pytest.raises(ValueError, match="decay phase needs a share"):
+        TrainConfig(stage="s", diffusion={"block_schedule": {"phase_ratios": [0.5, 0.5, 0.0]}})
+
+
+def test_full_sequence_steps_of_a_block_model_use_the_prefix_mask(block_model, tokenizer):
+    """The stable phase of WSD (no block size) on a `block` model is masked diffusion over the whole
+    response: the logits of the same weights under the `prefix` mask, not of its own blocks."""
+    from dimoe.train.schedule import WHOLE_RESPONSE, model_block_size
+
+    batch = text_batch(tokenizer)
+    mask_id = block_model.config.mask_token_id
+    noised = single_view(batch.input_ids, batch.response_mask, torch.tensor([0.5, 0.7]), mask_id,
+                         torch.Generator().manual_seed(0))  # fmt: skip
+    assert model_block_size(None, "block") == WHOLE_RESPONSE and model_block_size(None, "prefix") is None
+    with torch.no_grad():
+        whole = _forward_views(block_model, batch, noised, None, block_size=WHOLE_RESPONSE).logits
+        own_blocks = _forward_views(block_model, batch, noised, None, block_size=None).logits
+        block_model.config.attention = "prefix"
+        try:
+            prefix = _forward_views(block_model, batch, noised, None, block_size=None).logits
+        finally:
+            block_model.config.attention = "block"
+    torch.testing.assert_close(whole, prefix)
+    assert not torch.allclose(own_blocks[:, -8:], prefix[:, -8:], atol=1e-3)
+
+
+def test_a_dense_model_trains_without_router_terms(tiny_spec, tokenizer):
+    from dimoe.train.objective import ar_training_step, training_step
+
+    spec = tiny_spec.model_copy(
+        update={"vision": None, "dense_layers": [0, 1, 2, 3], "dense_intermediate_size": 64}
+    )
+    model = build_model(spec, tokenizer, seed=0).train()
+    batch = text_batch(tokenizer)
+    cfg = TrainConfig(stage="s")
+    generator = torch.Generator().manual_seed(0)
+    mask_id = model.config.mask_token_id
+    out = training_step(
+        model, cfg, batch, generator, None, mask_token_id=mask_id, encode_images=model.encode_images
+    )
+    out.loss.backward()
+    assert out.metrics["loss_bal"] == out.metrics["loss_z"] == 0.0 and out.metrics["loss"] > 0
+    ar = ar_training_step(model, cfg, batch, encode_images=model.encode_images)
+    assert ar.metrics["loss_ar"] > 0 and ar.metrics["loss_bal"] == 0.0
