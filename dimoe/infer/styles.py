@@ -3,8 +3,8 @@ checkpoint and prompts, side by side (the comparison script of the MiniMind → 
 
 - LLaDA 1.0: the published sampler (`llada`, low-confidence remasking) at one token per step
   (steps = gen_length), the setting LLaDA reports and Fast-dLLM and dInfer measure against;
-- LLaDA 2.0: block-wise parallel decoding, `threshold` (confident tokens revealed together) with
-  its per-step cap, on the exact block cache of a `block`-attention model (the approximate block
+- LLaDA 2.0: block-wise parallel decoding, `threshold` (confident tokens revealed together), on
+  the exact block cache of a `block`-attention model (the approximate block
   cache of any other).
 """
 
@@ -23,10 +23,13 @@ def style_settings(gen_length: int, block_length: int, threshold: float) -> dict
     return {
         "llada-1.0": {**common, "strategy": "llada", "steps": gen_length, "cache": "prefix"},
         "llada-2.0": {
-            **common, "strategy": "threshold", "steps": gen_length, "threshold": threshold, "cache": "block",
-            "cap_start_ratio": 1.0, "cap_end_ratio": 1.0,
+            **common,
+            "strategy": "threshold",
+            "steps": gen_length,
+            "threshold": threshold,
+            "cache": "block",
         },
-    }  # fmt: skip
+    }
 
 
 def compare_styles(

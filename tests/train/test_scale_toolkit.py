@@ -58,17 +58,17 @@ def test_muon_orthogonalises_each_expert_like_torch_muon_on_its_matrix(tiny_spec
     experts = model.layers[0].mlp.experts.gate_up_proj
     embed = model.embed_tokens.weight
     assert experts.use_muon and not embed.use_muon and not model.layers[0].mlp.gate.weight.use_muon
-    before = [(experts.detach().clone(), embed.detach().clone())]
+    experts_before, embed_before = experts.detach().clone(), embed.detach().clone()
     _loss(model, torch.randint(5, 300, (2, 16))).backward()
     grads = experts.grad.clone(), embed.grad.clone()
     MuonWithAdamW(groups, cfg).step()
 
     for e in range(experts.shape[0]):
-        matrix = torch.nn.Parameter(before[0][0][e].clone())
+        matrix = torch.nn.Parameter(experts_before[e].clone())
         matrix.grad = grads[0][e].clone()
         torch.optim.Muon([matrix], lr=0.05, weight_decay=0.01, momentum=0.95).step()
         torch.testing.assert_close(experts[e].detach(), matrix.detach(), msg=f"expert {e}")
-    reference = torch.nn.Parameter(before[0][1].clone())
+    reference = torch.nn.Parameter(embed_before.clone())
     reference.grad = grads[1]
     backbone_lr = cfg.group("backbone").lr
     torch.optim.AdamW([reference], lr=backbone_lr, betas=cfg.optimizer.betas, weight_decay=0.01).step()
