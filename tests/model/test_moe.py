@@ -114,6 +114,63 @@ def test_experts_with_uneven_routing_equal_dense_reference(dispatch, routing):
     assert got[3][idle].abs().sum() == 0 and got[4][idle].abs().sum() == 0  # idle experts: no gradient
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}-threads")
+def intra_op_threads(request, monkeypatch):
+    """Intra-op threads for one test, with experts split over them at any size."""
+    monkeypatch.setattr(moe, "_MIN_SHARDED_WORK", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_grouped_experts_run_side_by_side_on_threads(routing, intra_op_threads):
+    """With several intra-op threads the experts are cut into runs computed on separate threads
+    (including runs whose experts receive nothing): the same values and gradients as the dense
+    reference, and the caller's thread count is back after forward and backward."""
+    torch.manual_seed(0)
+    experts = Experts(32, 48, 8, "grouped")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(40, 32, requires_grad=True)
+    index = ROUTINGS[routing](40)
+    weight = torch.rand(index.shape, requires_grad=True)
+    shards = moe._expert_shards(sort_by_expert(index, 8)[1], 32, 48)
+    assert 1 < len(shards) <= intra_op_threads or len(shards) == intra_op_threads == 1
+    leaves = [x, weight, experts.gate_up_proj, experts.down_proj]
+    got = output_and_grads(lambda: experts(x, index, weight), leaves)
+    want = output_and_grads(lambda: dense_experts(experts, x, index, weight), leaves)
+    assert_all_close(got, want)
+    assert torch.get_num_threads() == intra_op_threads
+
+
+@pytest.mark.parametrize(
+    "ends,threads,runs",
+    [
+        ([1, 2, 3, 4, 5, 6], 3, [(0, 2), (2, 4), (4, 6)]),  # equal rows: equal runs
+        ([2, 3, 3, 6, 6], 2, [(0, 2), (2, 5)]),  # the expert reaching half the rows ends run 1
+        ([0, 0, 9], 2, [(0, 3)]),  # one expert holds everything: one run
+        ([0, 0, 0], 2, [(0, 1), (1, 3)]),  # no rows at all: still every expert, once
+        ([4, 8], 3, [(0, 1), (1, 2)]),  # fewer experts than threads
+        ([5, 9, 12], 1, [(0, 3)]),  # one thread: the whole grouped GEMM, unsplit
+    ],
+)
+def test_expert_shards_cover_every_expert_once(ends, threads, runs, monkeypatch):
+    monkeypatch.setattr(moe, "_MIN_SHARDED_WORK", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shards = moe._expert_shards(torch.tensor(ends, dtype=torch.int32), 2, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert [(s.experts.start, s.experts.stop) for s in shards] == runs
+    for s in shards[1:]:
+        first_row = ends[s.experts.start - 1]
+        assert (s.rows.start, s.rows.stop) == (first_row, ends[s.experts.stop - 1])
+        assert s.offs.tolist() == [end - first_row for end in ends[s.experts]]
+
+
 @pytest.mark.parametrize("dispatch", DISPATCHES)
 def test_no_tokens(dispatch):
     block = make_block(0, True, dispatch=dispatch)
@@ -135,7 +192,7 @@ def test_sort_by_expert_offsets():
 @pytest.mark.parametrize("block_bytes", [1 << 20, 4 * 96 * 10])  # one block; blocks of ~10 rows
 @pytest.mark.parametrize("hidden,ffn,experts,top_k", SIZES)
 def test_grouped_inference_in_blocks_equals_dense_reference(
-    monkeypatch, block_bytes, hidden, ffn, experts, top_k
+    monkeypatch, block_bytes, hidden, ffn, experts, top_k, intra_op_threads
 ):
     """Without autograd the grouped path runs block by block: same outputs as the dense reference."""
     monkeypatch.setattr(moe, "_INFERENCE_BLOCK_BYTES", block_bytes)
@@ -145,6 +202,19 @@ def test_grouped_inference_in_blocks_equals_dense_reference(
         got = block(x)[0]
         want = dense_reference(block, x.reshape(-1, hidden)).reshape(x.shape)
     assert_all_close([got], [want])
+
+
+def test_experts_split_over_threads_only_from_min_sharded_work(monkeypatch):
+    offs = torch.tensor([5, 9, 12], dtype=torch.int32)  # 12 rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(moe, "_MIN_SHARDED_WORK", 12 * 2 * 4)
+        assert len(moe._expert_shards(offs, 2, 4)) == 2
+        monkeypatch.setattr(moe, "_MIN_SHARDED_WORK", 12 * 2 * 4 + 1)
+        assert len(moe._expert_shards(offs, 2, 4)) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_row_blocks_keep_experts_whole():
