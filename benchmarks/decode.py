@@ -3,20 +3,26 @@
 Rows: `llada` at LLaDA's published setting (one token per step, steps = gen length, no cache) and
 at the `best` preset (prefix cache), each also with the block cache (Fast-dLLM's DualCache);
 `threshold` within the one-step-per-token budget with the prefix cache and with the block cache,
-and with the prefix cache at the stricter thresholds 0.95 and 0.99; and the presets fast / mid / best
-(`threshold`, prefix cache). Each row prints the task score (exact match, token F1) beside
-tokens/s (median of --repeats), NFE, tokens per forward and NFE × active parameters; each
-`threshold` row whether it meets the targets: >= 10× the tokens/s of one-token-per-step `llada`
-and >= 3× `llada` at `best`, each at <= 1 point lower score, and >= 5 tokens per forward. NFE
-counts a block-cache step, which runs one block, as one forward.
+and with the prefix cache at the stricter thresholds 0.95 and 0.99; and the presets fast / mid /
+best (`threshold`, prefix cache). The same task on a model trained with `attention: block` (block
+diffusion, LLaDA2.0's decoding): `llada` one token per step uncached and at `best`, and
+`threshold` one step per token and at `best`, both with the exact cache of committed blocks.
+Each row prints the task score (exact match, token F1) beside tokens/s (median of --repeats),
+NFE, tokens per forward and NFE × active parameters; each `threshold` row whether it meets the
+targets: >= 10× the tokens/s of one-token-per-step `llada` and >= 3× `llada` at `best` (both on
+the first model, LLaDA's setting), each at <= 1 point lower score, and >= 5 tokens per forward.
+NFE counts a block-cache step, which runs one block, as one forward.
 
 A speed means something only on a model that answers. Without --checkpoint, a tiny model is fitted
-in-process per gen length (benchmarks/decode_task.py: "describe every shape", seeded) until it
-describes a validation set of scenes exactly, and is scored on other held-out scenes. With
---checkpoint (e.g. the demo's artifacts/train/stage3_lownfe/final), --prompts names a prompts file
-(dimoe.infer.inputs) whose rows also hold their `reference` answer.
+in-process per gen length and attention (benchmarks/decode_task.py: "describe every shape",
+seeded) until it describes a validation set of scenes exactly, and is scored on other held-out
+scenes. With --checkpoint (e.g. the demo's artifacts/train/stage3_lownfe/final), --prompts names a
+prompts file (dimoe.infer.inputs) whose rows also hold their `reference` answer; the block model's
+rows then need --block-checkpoint. --rows keeps the rows whose names contain one of its words
+(the two `llada` baselines always run).
 
-    python benchmarks/decode.py [--checkpoint DIR --prompts FILE] [--gen-lengths 64,256] [--repeats 3]
+    python benchmarks/decode.py [--checkpoint DIR --prompts FILE [--block-checkpoint DIR]]
+        [--gen-lengths 64,256] [--repeats 3] [--rows block,best]
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from dimoe.model.build import load_checkpoint
 from dimoe.model.params import count_parameters
 
 BASELINE, BASELINE_BEST = "llada S=G", "llada best"
+BLOCK_MODEL = "block model: "
+BLOCK_SIZE = 32  # the block model's blocks: the presets' block_length
 TARGETS = {"vs_llada": 10.0, "vs_best": 3.0, "score_drop": 1.0, "tokens_per_forward": 5.0}
 
 
@@ -63,6 +71,26 @@ def runs(gen_length: int) -> dict[str, tuple[str | None, dict[str, Any]]]:
         "mid": ("mid", {}),
         "best": ("best", {}),
     }
+
+
+def block_model_runs(gen_length: int) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    """(preset, overrides) of the block model's rows: its committed blocks are cached exactly
+    wherever a cache is asked for (`prefix`), never with `none` (LLaDA's published setting)."""
+    one_per_token = {"steps": gen_length}
+    return {
+        f"{BLOCK_MODEL}llada S=G": (None, {"strategy": "llada", "cache": "none", **one_per_token}),
+        f"{BLOCK_MODEL}llada best": ("best", {"strategy": "llada"}),
+        f"{BLOCK_MODEL}threshold S=G": (None, {"strategy": "threshold", "cache": "prefix", **one_per_token}),
+        f"{BLOCK_MODEL}best": ("best", {}),
+    }
+
+
+def selected(names: list[str], rows: str | None) -> list[str]:
+    """The names containing one of the comma-separated `rows` words, and the two baselines."""
+    if not rows:
+        return names
+    words = rows.split(",")
+    return [n for n in names if n in (BASELINE, BASELINE_BEST) or any(w in n for w in words)]
 
 
 def measure_run(
@@ -98,18 +126,28 @@ def measure_run(
     }
 
 
-def task(args: argparse.Namespace, gen_length: int) -> tuple[GenerationEngine, list[Request], list[str]]:
-    """The engine, requests and reference answers at `gen_length`."""
+def task(
+    args: argparse.Namespace, gen_length: int, first: GenerationEngine | None = None
+) -> tuple[GenerationEngine, list[Request], list[str]]:
+    """The engine, requests and reference answers at `gen_length`. Given the `first` model's engine,
+    those of the block model: fitted by block diffusion from the first (LLaDA2.0's route: continue
+    training a model into block diffusion; from random init it fitted several times slower)."""
+    block_size = BLOCK_SIZE if first else None
     config = load_config("configs/infer/default.yaml", InferConfig)
-    if args.checkpoint:
-        model, tokenizer = load_checkpoint(args.checkpoint)
+    checkpoint = args.block_checkpoint if block_size else args.checkpoint
+    if checkpoint:
+        model, tokenizer = load_checkpoint(checkpoint)
         references = {str(row["id"]): row["reference"] for _, row in iter_jsonl(args.prompts)}
         requests = read_prompts(args.prompts)[: args.requests]
         return GenerationEngine(model, tokenizer, config), requests, [references[r.id] for r in requests]
     shapes = shapes_for(gen_length)
     validation = scenes(16, shapes, args.seed + 1)
-    model, tokenizer, steps = fitted_model(gen_length, validation, args.fit_steps, args.seed)
-    print(f"gen {gen_length}: fitted for {steps} steps ({shapes} shapes a scene)", flush=True)
+    start = (first.model, first.tokenizer) if first else None
+    model, tokenizer, steps = fitted_model(
+        gen_length, validation, args.fit_steps, args.seed, start, block_size
+    )
+    attention = model.config.attention
+    print(f"gen {gen_length}, {attention}: fitted for {steps} steps ({shapes} shapes a scene)", flush=True)
     held_out = scenes(args.requests, shapes, args.seed + 2)
     requests = [Request(str(i), prompt=q) for i, (q, _) in enumerate(held_out)]
     return GenerationEngine(model, tokenizer, config), requests, [a for _, a in held_out]
@@ -126,15 +164,20 @@ def profile(engine: GenerationEngine, requests: list[Request], gen_length: int) 
 
 
 def benchmark(args: argparse.Namespace, gen_length: int) -> dict[str, dict[str, Any]]:
-    engine, requests, references = task(args, gen_length)
+    figures: dict[str, dict[str, Any]] = {}
+    first, requests, references = task(args, gen_length)
     if args.profile:
-        profile(engine, requests, gen_length)
-    figures = {}
-    for name, (preset, overrides) in runs(gen_length).items():
-        figures[name] = measure_run(
-            engine, requests, references, args.repeats, preset, {"gen_length": gen_length, **overrides}
-        )
-        print(f"gen {gen_length}: {name}: {figures[name]['tokens_per_s']:.0f} tok/s", flush=True)
+        profile(first, requests, gen_length)
+    engines = [(first, runs(gen_length))]
+    if not args.checkpoint or args.block_checkpoint:
+        engines.append((task(args, gen_length, first)[0], block_model_runs(gen_length)))
+    for engine, all_runs in engines:
+        for name in selected(list(all_runs), args.rows):
+            preset, overrides = all_runs[name]
+            figures[name] = measure_run(
+                engine, requests, references, args.repeats, preset, {"gen_length": gen_length, **overrides}
+            )
+            print(f"gen {gen_length}: {name}: {figures[name]['tokens_per_s']:.0f} tok/s", flush=True)
     return figures
 
 
@@ -165,7 +208,7 @@ def report(figures: dict[str, dict[str, Any]], title: str, console: Console) -> 
         table.add_row(
             name,
             s["strategy"],
-            s["cache"],
+            "exact" if name.startswith(BLOCK_MODEL) and s["cache"] != "none" else s["cache"],
             str(s["steps"]),
             f"{f['exact_match']:.1f}",
             f"{f['token_f1']:.1f}",
@@ -191,6 +234,10 @@ def main() -> None:
         "--checkpoint", help="a trained checkpoint (default: fit a tiny model per gen length)"
     )
     parser.add_argument("--prompts", type=Path, help="with --checkpoint: prompts file with `reference`s")
+    parser.add_argument(
+        "--block-checkpoint", help="with --checkpoint: a model trained with `attention: block`"
+    )
+    parser.add_argument("--rows", help="comma-separated words: only the rows whose names contain one")
     parser.add_argument("--gen-lengths", default="64,256")
     parser.add_argument("--requests", type=int, default=32, help="held-out prompts, decoded as one batch")
     parser.add_argument("--repeats", type=int, default=3)
@@ -211,7 +258,8 @@ def main() -> None:
         all_figures[gen_length] = benchmark(args, gen_length)
     load_after = os.getloadavg()
     for gen_length, figures in all_figures.items():
-        title = f"gen {gen_length}, block 32, {args.requests} requests in one batch, median of {args.repeats}"
+        title = f"gen {gen_length}, block {BLOCK_SIZE}, {args.requests} requests in one batch"
+        title += f", median of {args.repeats}"
         report(figures, title, console)
     console.print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     if args.json:

@@ -32,6 +32,7 @@ from dimoe.infer.engine import GenerationEngine
 from dimoe.infer.inputs import Request, Result
 from dimoe.model.build import build_model
 from dimoe.model.modeling import DiMoEVLModel
+from dimoe.train.objective import block_layout
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star", "heart", "diamond"]
@@ -89,17 +90,33 @@ def sft_batch(
     return {"input_ids": ids, "attention_mask": real, "prefix_mask": real & (column[None] < width)}
 
 
+def denoising_logits(model: DiMoEVLModel, batch: dict, noisy_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of `noisy_ids` under the model's own mask; for a `block` model, block diffusion's
+    one-forward layout, where each noisy block sees the prompt, itself and the clean earlier blocks
+    (what the exact block cache gives it when decoding)."""
+    if model.config.attention != "block":
+        return model(
+            noisy_ids, attention_mask=batch["attention_mask"], prefix_mask=batch["prefix_mask"]
+        ).logits
+    response = int((batch["attention_mask"] & ~batch["prefix_mask"]).sum(dim=1).max())
+    ids, real, positions, mask = block_layout(
+        noisy_ids, batch["input_ids"][:, -response:], batch["attention_mask"], batch["prefix_mask"],
+        model.config.block_size,
+    )  # fmt: skip
+    noisy = slice(0, noisy_ids.shape[1])
+    return model(ids, real.long(), position_ids=positions, layout_mask=mask, logits_positions=noisy).logits
+
+
 def sft_step(
     model: DiMoEVLModel, optimizer: torch.optim.Optimizer, batch: dict, generator: torch.Generator
 ) -> float:
     """One step of masked-diffusion SFT: t ~ U(0, 1), mask response tokens with p(t), cross-entropy
-    on the masked ones weighted 1/p(t) (LLaDA, Nie et al. 2025, Eq. 5). Returns the loss."""
+    on the masked ones weighted 1/p(t) (LLaDA, Nie et al. 2025, Eq. 5; per block given the clean
+    earlier ones for a `block` model). Returns the loss."""
     response = batch["attention_mask"] & ~batch["prefix_mask"]
     t = torch.rand(len(response), generator=generator)
     noised = single_view(batch["input_ids"], response, t, model.config.mask_token_id, generator)
-    logits = model(
-        noised.noisy_ids, attention_mask=batch["attention_mask"], prefix_mask=batch["prefix_mask"]
-    ).logits
+    logits = denoising_logits(model, batch, noised.noisy_ids)
     loss = masked_diffusion_loss(logits, batch["input_ids"], noised.masked, noised.p).value
     optimizer.zero_grad()
     loss.backward()
@@ -118,15 +135,31 @@ def check_single_tokens(tokenizer: PreTrainedTokenizerBase, shapes: int) -> None
 
 
 def fitted_model(
-    gen_length: int, validation: list[tuple[str, str]], max_steps: int, seed: int, check_every: int = 100
+    gen_length: int,
+    validation: list[tuple[str, str]],
+    max_steps: int,
+    seed: int,
+    start: tuple[DiMoEVLModel, PreTrainedTokenizerBase] | None = None,
+    block_size: int | None = None,
+    check_every: int = 100,
 ) -> tuple[DiMoEVLModel, PreTrainedTokenizerBase, int]:
     """The tiny model with a tokenizer of the task, fitted (seeded, batch 16, AdamW 1e-3) until it
-    describes every `validation` scene exactly or `max_steps` pass. Returns it and the steps."""
+    describes every `validation` scene exactly or `max_steps` pass. Returns it and the steps.
+    `start`: a fitted model and its tokenizer to continue from (default: random init). With
+    `block_size`, the model has `attention: block` and is fitted by block diffusion."""
     train = scenes(4000, shapes_for(gen_length), seed)
-    with TemporaryDirectory() as folder:
-        tokenizer = train_tokenizer([f"{q} {a}" for q, a in train], 400, folder)
+    if start is None:
+        with TemporaryDirectory() as folder:
+            tokenizer = train_tokenizer([f"{q} {a}" for q, a in train], 400, folder)
+    else:
+        tokenizer = start[1]
     check_single_tokens(tokenizer, shapes_for(gen_length))
-    model = build_model(load_config("configs/model/tiny.yaml", ModelConfig), tokenizer, seed=seed)
+    spec = load_config("configs/model/tiny.yaml", ModelConfig)
+    if block_size is not None:
+        spec = spec.model_copy(update={"attention": "block", "block_size": block_size})
+    model = build_model(spec, tokenizer, seed=seed)
+    if start is not None:  # the mask is not a weight: the same weights load under any attention
+        model.load_state_dict(start[0].state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     requests = [Request(str(i), prompt=q) for i, (q, _) in enumerate(validation)]
@@ -140,7 +173,8 @@ def fitted_model(
         results = engine.generate(requests, gen_length=gen_length, batch_size=len(requests))
         match = score(results, [a for _, a in validation])["exact_match"]
         print(
-            f"gen {gen_length}: fit step {step} loss {loss:.3f} validation exact match {match:.0f}",
+            f"gen {gen_length}, {spec.attention} attention: fit step {step} loss {loss:.3f} "
+            f"validation exact match {match:.0f}",
             flush=True,
         )
         if match == 100:
