@@ -135,6 +135,9 @@ class DataSpec(StrictModel):
     # Quantized effective length: a batch is left-padded to a multiple of this many tokens, so a run
     # sees few distinct shapes (compiled kernels, CUDA graphs; 1: off)
     length_quantum: int = Field(1, ge=1)
+    # Plain-text documents (no prompt, no image) of a batch are packed into rows of up to this many
+    # tokens, each document attending only to itself with its own positions (0: off)
+    pack_length: int = Field(0, ge=0)
 
 
 class DeepSpeedSpec(StrictModel):

@@ -11,7 +11,10 @@ Masks (docs/design.md §3):
   arXiv:2503.09573). Committed blocks never see later ones, so a decoder caches their keys and
   values exactly. `block_diffusion_mask` is the training layout: a noisy and a clean copy of the
   response in one sequence.
-Padding keys are never attended to, so padding cannot affect real positions.
+Padding keys are never attended to, so padding cannot affect real positions. Rows packed with
+several documents (`document_ids`) add a document-level mask to any of these: a token sees only
+its own document's keys, and RoPE positions restart at each document (`same_document`,
+`document_positions`).
 """
 
 from __future__ import annotations
@@ -84,12 +87,37 @@ def build_attention_mask(
 PROMPT, NOISY, CLEAN = 0, 1, 2  # the copies of a block-diffusion training sequence
 
 
-def response_blocks(is_prefix: torch.Tensor, is_real: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[B, L] block index of each response token (its rank among the row's real non-prefix tokens
-    // block_size), -1 for prefix and padding."""
+def document_positions(document_ids: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
+    """[B, L] RoPE position of each token within its document: the real tokens of the document
+    before it (documents are contiguous runs of `document_ids`; padding gets the position of the
+    token before it and is never attended to)."""
+    return _rank_within_document(is_real, document_ids).clamp(min=0)
+
+
+def same_document(document_q: torch.Tensor, document_k: torch.Tensor) -> torch.Tensor:
+    """[B, 1, Lq, Lk]: whether query and key belong to the same packed document."""
+    return _queries(document_q) == _keys(document_k)
+
+
+def _rank_within_document(counted: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B, L] how many `counted` tokens come before each token (itself included) in its document,
+    minus one; over the whole row without `document_ids`."""
+    rank = counted.long().cumsum(1)
+    if document_ids is not None:  # subtract the count reached where the token's document starts
+        starts = torch.ones_like(counted)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        before = torch.where(starts, rank - counted.long(), 0)
+        rank = rank - before.cummax(dim=1).values
+    return rank - 1
+
+
+def response_blocks(
+    is_prefix: torch.Tensor, is_real: torch.Tensor, block_size: int, document_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, L] block index of each response token (its rank among the real non-prefix tokens of its
+    row, or of its document in a packed row, // block_size), -1 for prefix and padding."""
     response = is_real & ~is_prefix
-    rank = response.long().cumsum(1) - 1
-    return torch.where(response, rank // block_size, -1)
+    return torch.where(response, _rank_within_document(response, document_ids) // block_size, -1)
 
 
 def block_diffusion_mask(

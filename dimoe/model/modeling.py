@@ -27,8 +27,10 @@ from .attention import (
     RMSNorm,
     block_diffusion_mask,
     build_attention_mask,
+    document_positions,
     response_blocks,
     rope_cos_sin,
+    same_document,
 )
 from .config import DiMoEConfig
 from .moe import Experts, MoEBlock, RouterOutput, SwiGLU, TopKRouter
@@ -273,9 +275,13 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         key_real: torch.Tensor,
         start: int,
         cached: bool,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE positions [B, L] of the tokens, which are keys start..start+L-1 of `key_real`, and
-        their attention mask over the keys."""
+        their attention mask over the keys; with `document_ids` (a packed row, never cached), per
+        document."""
+        if document_ids is not None:
+            return self._packed_positions_and_mask(real, prefix_mask, document_ids)
         # A position counts the real tokens before it, so left padding does not shift RoPE.
         positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start : start + real.shape[1]]
         # Beside a cache every token is a response token: it sees every real key.
@@ -290,6 +296,23 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         return positions, build_attention_mask(
             key_real, query_prefix, query_prefix, causal_from, real.shape[1]
         )
+
+    def _packed_positions_and_mask(
+        self, real: torch.Tensor, prefix_mask: torch.Tensor | None, document_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention type's mask computed per document of a packed row: the same positions
+        and mask each document would get alone in its own row."""
+        is_prefix = prefix_mask.bool() & real if prefix_mask is not None else torch.zeros_like(real)
+        positions = document_positions(document_ids, real)
+        if self.config.attention == "block":
+            blocks = response_blocks(is_prefix, real, self.config.block_size, document_ids)
+            copy = torch.where(blocks >= 0, CLEAN, PROMPT)
+            mask = block_diffusion_mask(copy, blocks, copy, blocks, real)
+        else:
+            query_prefix = is_prefix if self.config.attention == "prefix" else None
+            causal_from = 0 if self.config.attention == "causal" else None
+            mask = build_attention_mask(real, query_prefix, query_prefix, causal_from, real.shape[1])
+        return positions, mask & same_document(document_ids, document_ids)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(
@@ -306,6 +329,7 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         logits_positions: slice | None = None,
         position_ids: torch.Tensor | None = None,
         layout_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         **_: object,
     ) -> DiMoEOutput:
         """Logits for every position of `input_ids` [B, L] (or for `logits_positions` of them).
@@ -325,13 +349,19 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         position_ids, layout_mask: RoPE positions [B, L] and a boolean mask [B, 1, L, L] that
             replace the ones the attention type gives (the block-diffusion training layout, whose
             noisy and clean copies of the response share positions).
+        document_ids: [B, L] the packed document of each token (-1 on padding): each document then
+            gets the mask and positions it would get alone (no cache).
         """
         real = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
         key_real, first = self._cached_keys(real, prefix_cache, block_cache)
         cache = block_cache.sequence if block_cache is not None else prefix_cache
-        positions, mask = self._positions_and_mask(real, prefix_mask, key_real, first, cache is not None)
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids (packed rows) are for training forwards, not beside a cache")
+        positions, mask = self._positions_and_mask(
+            real, prefix_mask, key_real, first, cache is not None, document_ids
+        )
         if layout_mask is not None:
             positions, mask = position_ids, layout_mask
         start = block_cache.start if block_cache is not None else None

@@ -36,6 +36,9 @@ class TrainBatch:
     prompt_text_mask: torch.Tensor  # [B, L] bool, prompt tokens that are not image tokens
     image_mask: torch.Tensor  # [B, L] bool
     pixel_values: torch.Tensor  # [n_images, 3, S, S] for the rows that have an image, in row order
+    # [B, L] long, the document of each token in rows packed with several (-1 on padding); None
+    # when no row of the batch is packed
+    document_ids: torch.Tensor | None = None
 
     @property
     def modality(self) -> torch.Tensor:
@@ -46,18 +49,21 @@ class TrainBatch:
         out[self.response_mask] = 2
         return out
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
     def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return TrainBatch(**{k: v.to(device) for k, v in self._tensors().items()})
 
     def head(self, rows: int) -> TrainBatch:
         """The first `rows` rows, with their images."""
         images = int(self.image_mask[:rows].any(dim=1).sum())
-        fields = {k: v[:rows] for k, v in self.__dict__.items() if k != "pixel_values"}
+        fields = {k: v[:rows] for k, v in self._tensors().items() if k != "pixel_values"}
         return TrainBatch(**fields, pixel_values=self.pixel_values[:images])
 
     def repeat(self, times: int) -> TrainBatch:
         """The rows `times` over, one copy after the other (images likewise, so they keep row order)."""
-        return TrainBatch(**{k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in self.__dict__.items()})
+        return TrainBatch(**{k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in self._tensors().items()})
 
 
 def length_grouped(
@@ -93,6 +99,24 @@ def _resize_image_run(
     return seq, prompt_length + count - (end - first)
 
 
+def pack_documents(rows: Sequence[tuple[int, bool]], pack_length: int) -> list[list[int]]:
+    """Rows grouped for packing, in order of their first row: plain-text documents (no prompt,
+    no image; `rows` gives (tokens, packable) per row) share a group while their tokens fit in
+    `pack_length`, first fit in order; every other row, and a document longer than `pack_length`,
+    is a group of its own. Documents are never cut: each keeps its EOS."""
+    groups: list[list[int]] = []
+    room: list[int] = []  # tokens still free in each group; -1 for groups that take nothing more
+    for i, (tokens, packable) in enumerate(rows):
+        fits = next((g for g, free in enumerate(room) if packable and tokens <= free), None)
+        if fits is None:
+            groups.append([i])
+            room.append(pack_length - tokens if packable else -1)
+        else:
+            groups[fits].append(i)
+            room[fits] -= tokens
+    return groups
+
+
 def collate(
     rows: Mapping[str, Sequence[Any]],
     *,
@@ -103,42 +127,65 @@ def collate(
     processor: ImageProcessor | None,
     image_tokens: int | None = None,
     length_quantum: int = 1,
+    pack_length: int = 0,
 ) -> TrainBatch:
     """`rows` is a column batch as Ray Data yields it (`input_ids`, `prompt_length`, `image`).
     `image_tokens`: the model's image-token count, when it may differ from the count the data was
     normalized with (a tower trained at another resolution); each row's image tokens are resized.
-    `length_quantum`: the batch is left-padded to a multiple of it (quantized effective length)."""
+    `length_quantum`: the batch is left-padded to a multiple of it (quantized effective length).
+    `pack_length`: plain-text documents are packed into rows of up to this many tokens
+    (`pack_documents`, with `document_ids`; each document without EOS padding); 0: off."""
     # np.array copies: Ray Data hands out read-only arrays, which torch.from_numpy warns about.
     sequences = [np.array(ids, dtype=np.int64) for ids in rows["input_ids"]]
     prompt_lengths = [int(n) for n in rows["prompt_length"]]
+    blobs = list(rows.get("image", [None] * len(sequences)))
     if image_tokens is not None:
         pairs = zip(sequences, prompt_lengths, strict=True)
         resized = [_resize_image_run(seq, p, image_id, image_tokens) for seq, p in pairs]
         sequences, prompt_lengths = [seq for seq, _ in resized], [p for _, p in resized]
-    answers = [seq[p:] for seq, p in zip(sequences, prompt_lengths, strict=True)]
-    windows = [max(response_length, len(a)) for a in answers]  # each row's answer + EOS padding
+    packable = [
+        (len(s), p == 0 and b is None) for s, p, b in zip(sequences, prompt_lengths, blobs, strict=True)
+    ]
+    groups = pack_documents(packable, pack_length) if pack_length else [[i] for i in range(len(sequences))]
+    # Per output row: its prompt, its answer tokens, and the columns its response takes (the
+    # answer EOS-padded to response_length; a packed row's documents, unpadded).
+    prompts = [sequences[g[0]][: prompt_lengths[g[0]]] for g in groups]
+    answers = [np.concatenate([sequences[i][prompt_lengths[i] :] for i in g]) for g in groups]
+    windows = [
+        len(a) if len(g) > 1 else max(response_length, len(a)) for g, a in zip(groups, answers, strict=True)
+    ]
     response = max(windows)
-    length = -(-(max(prompt_lengths) + response) // length_quantum) * length_quantum  # more left padding
-    b = len(sequences)
+    length = -(-(max(map(len, prompts)) + response) // length_quantum) * length_quantum  # more left padding
+    b = len(groups)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     attention = torch.zeros(b, length, dtype=torch.bool)
     prefix = torch.zeros(b, length, dtype=torch.bool)
     eos_padding = torch.zeros(b, length, dtype=torch.bool)
-    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        start = length - response - p  # left padding starts every response at the same column
-        end = start + p + windows[i]
-        ids[i, start : start + p] = torch.from_numpy(seq[:p])
-        ids[i, start + p : start + p + len(answers[i])] = torch.from_numpy(answers[i])
-        ids[i, start + p + len(answers[i]) : end] = eos_id
-        eos_padding[i, start + p + len(answers[i]) : end] = True
+    documents = torch.full((b, length), -1, dtype=torch.long)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        start = length - response - len(prompt)  # left padding starts every response at the same column
+        answer_end, end = start + len(prompt) + len(answer), start + len(prompt) + windows[i]
+        ids[i, start:answer_end] = torch.from_numpy(np.concatenate([prompt, answer]))
+        ids[i, answer_end:end] = eos_id
+        eos_padding[i, answer_end:end] = True
         attention[i, start:end] = True
-        prefix[i, start : start + p] = True
+        prefix[i, start : start + len(prompt)] = True
+        lengths = [len(sequences[j]) for j in groups[i]] if len(groups[i]) > 1 else [end - start]
+        documents[i, start:end] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     image_mask = ids == image_id
-    response_mask = attention & ~prefix
-    images = [Image.open(io.BytesIO(blob)) for blob in rows.get("image", [None] * b) if blob is not None]
+    images = [Image.open(io.BytesIO(blobs[g[0]])) for g in groups if blobs[g[0]] is not None]
     if images and processor is None:
         raise ValueError("the batch has images but the model has no vision tower")
     pixels = processor(images) if processor is not None else torch.zeros(0)
+    packed = documents if any(len(g) > 1 for g in groups) else None
     return TrainBatch(
-        ids, attention, prefix, response_mask, eos_padding, prefix & ~image_mask, image_mask, pixels
+        ids,
+        attention,
+        prefix,
+        attention & ~prefix,
+        eos_padding,
+        prefix & ~image_mask,
+        image_mask,
+        pixels,
+        packed,
     )

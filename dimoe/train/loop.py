@@ -311,6 +311,7 @@ class Trainer:
             processor=self.processor,
             image_tokens=self.model_config.num_image_tokens,
             length_quantum=self.cfg.data.length_quantum,
+            pack_length=self.cfg.data.pack_length,
         ).to(self.engine.device)
         batch.pixel_values = batch.pixel_values.to(self.dtype)
         return batch

@@ -34,7 +34,7 @@ from dimoe.diffusion import (
     view_consistency_loss,
 )
 from dimoe.diffusion.ppots import Proposal, fit_proposal, loss_moments, optimal_shape
-from dimoe.model.attention import build_attention_mask
+from dimoe.model.attention import build_attention_mask, document_positions, same_document
 from dimoe.train.batch import MODALITIES, TrainBatch
 
 if TYPE_CHECKING:
@@ -229,8 +229,11 @@ def ar_training_step(
     baselines of the MiniMind → LLaDA2.0 route), on every answer token and its own EOS (not the
     EOS padding), plus the router's global balance and z losses."""
     features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
-    out = model(batch.input_ids, batch.attention_mask.long(), image_features=features)
+    documents = batch.document_ids
+    out = model(batch.input_ids, batch.attention_mask.long(), image_features=features, document_ids=documents)
     supervised = (batch.response_mask & ~batch.eos_padding_mask)[:, 1:]
+    if documents is not None:  # a document's last token does not predict the next document's first
+        supervised = supervised & (documents[:, 1:] == documents[:, :-1])
     logits = out.logits[:, :-1][supervised].float()
     ar = torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][supervised])
     mask = batch.attention_mask
@@ -264,20 +267,20 @@ def _forward_views(
     attention_mask = batch.attention_mask.repeat(views, 1)
     prefix_mask = batch.prefix_mask.repeat(views, 1)
     features = torch.cat([features] * views) if features is not None else None
+    documents = batch.document_ids.repeat(views, 1) if batch.document_ids is not None else None
     response = int(batch.response_mask.sum(dim=1).max())
     if block_size is None:  # the model's own mask
         return model(
-            noised.noisy_ids, attention_mask.long(), prefix_mask=prefix_mask, image_features=features
-        )
+            noised.noisy_ids, attention_mask.long(), prefix_mask=prefix_mask, image_features=features,
+            document_ids=documents,
+        )  # fmt: skip
     if block_size >= response:  # masked diffusion over the whole response, whatever the model's mask
-        real, prefix = attention_mask.bool(), prefix_mask.bool() & attention_mask.bool()
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        mask = build_attention_mask(real, prefix, prefix)
+        positions, mask = whole_response_layout(attention_mask, prefix_mask, documents)
         return model(noised.noisy_ids, attention_mask.long(), image_features=features, position_ids=positions,
                      layout_mask=mask)  # fmt: skip
     clean = batch.input_ids[:, -response:].repeat(views, 1)
     ids, real, positions, mask = block_layout(
-        noised.noisy_ids, clean, attention_mask, prefix_mask, block_size
+        noised.noisy_ids, clean, attention_mask, prefix_mask, block_size, documents
     )
     noisy = slice(0, noised.noisy_ids.shape[1])
     out = model(
@@ -294,29 +297,47 @@ def _forward_views(
     return out
 
 
+def whole_response_layout(
+    attention_mask: torch.Tensor, prefix_mask: torch.Tensor, document_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and the `prefix` mask over the whole response (masked diffusion without blocks),
+    per document in packed rows."""
+    real, prefix = attention_mask.bool(), prefix_mask.bool() & attention_mask.bool()
+    mask = build_attention_mask(real, prefix, prefix)
+    if document_ids is None:
+        return (attention_mask.long().cumsum(1) - 1).clamp(min=0), mask
+    return document_positions(document_ids, real), mask & same_document(document_ids, document_ids)
+
+
 def block_layout(
     noisy_ids: torch.Tensor,
     clean_response: torch.Tensor,
     attention_mask: torch.Tensor,
     prefix_mask: torch.Tensor,
     block_size: int,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block diffusion in one forward (LLaDA2.0's objective, BD3-LM's construction, Arriola et al.
     2025, arXiv:2503.09573): the noisy sequence [prompt, x_t] followed by the clean response x_0,
     whose copies share positions; noisy block j sees the prompt, itself and the clean blocks before
     j, so its logits are those of denoising block j given the clean earlier blocks. Rows are
-    left-padded with every response ending the row. Returns ids, real-token mask, positions, mask."""
+    left-padded with every response ending the row. With `document_ids` (packed rows) blocks and
+    positions restart at each document and no token sees another document. Returns ids, real-token
+    mask, positions, mask."""
     from dimoe.model.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, response_blocks
 
     response = clean_response.shape[1]
     real = torch.cat([attention_mask, attention_mask[:, -response:]], dim=1).bool()
-    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    positions, _ = whole_response_layout(attention_mask, prefix_mask, document_ids)
     positions = torch.cat([positions, positions[:, -response:]], dim=1)
-    blocks = response_blocks(prefix_mask.bool(), attention_mask.bool(), block_size)
+    blocks = response_blocks(prefix_mask.bool(), attention_mask.bool(), block_size, document_ids)
     blocks = torch.cat([blocks, blocks[:, -response:]], dim=1)
     noisy = torch.where(blocks[:, :-response] >= 0, NOISY, PROMPT)
     copy = torch.cat([noisy, torch.full_like(clean_response, CLEAN)], dim=1)
     mask = block_diffusion_mask(copy, blocks, copy, blocks, real)
+    if document_ids is not None:
+        documents = torch.cat([document_ids, document_ids[:, -response:]], dim=1)
+        mask = mask & same_document(documents, documents)
     return torch.cat([noisy_ids, clean_response], dim=1), real, positions, mask
 
 

@@ -1,6 +1,7 @@
 """The MiniMind → LLaDA2.0 route on the local Ray cluster, tiny: AR pretraining of a causal DiMoE
 model on a plain-text blend → its mask turned to `block` → WSD block-diffusion training validated
-on held-out rows → top-k merge → both decoding styles."""
+on held-out rows → top-k merge → both decoding styles. Both training stages pack their documents
+(`data.pack_length`)."""
 
 import json
 
@@ -53,11 +54,14 @@ def _records(result):
 def test_ar_pretraining_then_block_diffusion_then_merge_and_both_styles(ray_cluster, text_data):
     root = text_data
     ar_stage = _stage(root, "ar", f"model={root / 'model.yaml'}", f"tokenizer={root / 'tokenizer'}",
-                      "objective=ar", "max_steps=6", "validation.every_steps=3")  # fmt: skip
+                      "objective=ar", "max_steps=6", "validation.every_steps=3",
+                      "data.pack_length=48")  # fmt: skip
     ar = run_stage(ar_stage, progress=False)
     ar_losses = [r["val_loss"] for r in _records(ar) if "val_loss" in r]
     assert len(ar_losses) == 2 and ar_losses[1] < ar_losses[0]
     assert "loss_ar" in _records(ar)[0]
+    # each worker's 4 documents (about 12 tokens each) are packed into fewer rows of up to 48 tokens
+    assert all(r["samples"] < 4 for r in _records(ar) if "samples" in r)
 
     with pytest.raises(ConfigError, match="needs a model with attention: block"):
         run_stage(
@@ -73,7 +77,7 @@ def test_ar_pretraining_then_block_diffusion_then_merge_and_both_styles(ray_clus
         "diffusion.block_schedule={warmup_sizes: [4], decay_sizes: [8, 4], phase_ratios: [0.25, 0.25, 0.5]}"
     )
     wsd = _stage(root, "wsd", f"init_from={converted}", schedule, "max_steps=8", "validation.every_steps=2",
-                 "checkpoint.keep=3")  # fmt: skip
+                 "checkpoint.keep=3", "data.pack_length=48")  # fmt: skip
     diffusion = run_stage(wsd, progress=False)
     final = load_checkpoint(diffusion.final_dir)[0].config
     assert final.attention == "block" and final.block_size == 4  # the block size the schedule ends on
