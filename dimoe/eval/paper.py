@@ -185,6 +185,9 @@ ABLATION_COLUMNS = (
     AblationColumn("accuracy_best", "Acc.\\ best", "Acc. best", percent, True),
     AblationColumn("accuracy_fast", "Acc.\\ fast", "Acc. fast", percent, True),
     AblationColumn("describe_f1_best", "Descr.\\ F1", "Describe F1", percent, True),
+    AblationColumn(
+        "heldout_loss", r"Held-out loss$\downarrow$", "Held-out loss ↓", lambda value: number(value, 3), False
+    ),
     AblationColumn("nfe_best", "NFE best", "NFE best", lambda value: number(value, 1), False),
     AblationColumn("nfe_fast", "NFE fast", "NFE fast", lambda value: number(value, 1), False),
     AblationColumn("A_routing_js", r"A: JS$\downarrow$", "A: JS ↓", lambda value: number(value, 3), False),

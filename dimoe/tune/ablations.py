@@ -25,7 +25,7 @@ from dimoe.io import read_json, write_json
 
 RESULT_COLUMNS = (
     "variant", "seed", "status", "accuracy_best", "accuracy_fast", "describe_f1_best", "describe_f1_fast",
-    "nfe_best", "nfe_fast",
+    "heldout_loss", "nfe_best", "nfe_fast",
     "A_routing_js", "B_topk_jaccard", "C_nmi_modality", "C_nmi_t_bucket", "D_zero_supervision",
     "E_vision_grad_ratio", "F_expert_grad_cv", "train_steps", "error",
 )  # fmt: skip
@@ -89,6 +89,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "status": "ok",
         "train_steps": steps,
         **evaluate_trial(cfg, previous, trial_dir / "eval"),
+        **final_heldout_loss(Path(stages[-1].output_dir) / stages[-1].stage / "logs"),
         **diagnose_trial(base_stage_dir / "logs"),
     }
     write_json(trial_dir / "result.json", row)
@@ -128,6 +129,16 @@ def evaluate_trial(cfg: TuneConfig, checkpoint: Path, out_dir: Path) -> dict[str
             if "score" in task:
                 out[f"{preset}/{name}"] = task["score"]
     return out
+
+
+def final_heldout_loss(log_dir: Path) -> dict[str, float]:
+    """`heldout_loss`: the last `val_loss` the stage logged (`train.validation`: the diffusion loss
+    of held-out rows at a fixed t grid and fixed masks, comparable across variants); nothing when
+    the stage ran without validation."""
+    from dimoe.io import iter_jsonl
+
+    losses = [row["val_loss"] for _, row in iter_jsonl(log_dir / "train_metrics.jsonl") if "val_loss" in row]
+    return {"heldout_loss": losses[-1]} if losses else {}
 
 
 def diagnose_trial(log_dir: Path) -> dict[str, float | None]:
@@ -237,7 +248,7 @@ def write_results(rows: list[dict[str, Any]], root: Path) -> dict[str, str]:
     return {"csv": str(csv_path), "markdown": str(md_path)}
 
 
-SUMMARY_COLUMNS = ("accuracy_best", "accuracy_fast", "describe_f1_best", "D_zero_supervision",
+SUMMARY_COLUMNS = ("accuracy_best", "accuracy_fast", "describe_f1_best", "heldout_loss", "D_zero_supervision",
                    "A_routing_js", "B_topk_jaccard", "E_vision_grad_ratio", "F_expert_grad_cv")  # fmt: skip
 
 

@@ -50,6 +50,7 @@ def grid_config(ray_cluster, tokenizer, tmp_path_factory) -> TuneConfig:
         "requires_init=false", "init_from=null", f"tokenizer={root / 'tokenizer'}",
         f"data.data_dir={root / 'data'}", "max_steps=4", "log_every=2", "batch_size=4",
         "data.response_length=4", "checkpoint.every_steps=4",
+        "validation.every_steps=4", "validation.fraction=0.3",  # holds out 1 of the 4 distinct rows
         # A quarter CPU per worker: two trials (4 workers) leave the session cluster's other CPUs to
         # the Ray Data tasks that stream the blends, even beside what earlier tests' actors hold.
         "scaling.cpus_per_worker=0.25",
@@ -76,7 +77,7 @@ def grid(grid_config):
     return run_grid(grid_config)
 
 
-def test_every_trial_reports_accuracy_nfe_and_diagnostics(grid):
+def test_every_trial_reports_accuracy_nfe_and_diagnostics(grid, grid_config):
     rows = {row["variant"]: row for row in grid["rows"]}
     assert set(rows) == {"naive", "full", "broken"}
     for name in ("naive", "full"):
@@ -84,6 +85,9 @@ def test_every_trial_reports_accuracy_nfe_and_diagnostics(grid):
         assert row["status"] == "ok" and row["train_steps"] == 4
         assert 0.0 <= row["accuracy_best"] <= 1.0 and 0.0 <= row["accuracy_fast"] <= 1.0
         assert 1.0 <= row["nfe_fast"] <= 8.0 and 1.0 <= row["nfe_best"] <= 32.0  # the presets' step budgets
+        logs = experiment_dir(grid_config) / "trials" / f"{name}-s0" / "train" / "stage2_full" / "logs"
+        logged = [json.loads(line) for line in (logs / "train_metrics.jsonl").read_text().splitlines()]
+        assert row["heldout_loss"] == [r for r in logged if "val_loss" in r][-1]["val_loss"] > 0
         for key in (
             "A_routing_js",
             "C_nmi_modality",
@@ -119,7 +123,7 @@ def test_results_table_and_paper_ablation_table(grid, grid_config, tmp_path):
     trial_eval = Path(grid_config.storage_path) / grid_config.name / "trials" / "full-s0" / "eval"
     paths = export_paper_tables(trial_eval, tmp_path / "paper", tune_results=grid["csv"])
     ablation = paths["ablation_md"].read_text()
-    assert "| full |" in ablation and "| naive |" in ablation
+    assert "| full |" in ablation and "| naive |" in ablation and "Held-out loss" in ablation
 
 
 def test_rerun_resumes_the_grid_without_training_again(grid, grid_config):
