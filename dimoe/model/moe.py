@@ -7,8 +7,10 @@ compute. Two implementations of the expert step give the same results:
 
 - `grouped`: every expert in one grouped GEMM per projection (`torch._grouped_mm`: a CUTLASS
   kernel for bf16 on sm90+ GPUs, a per-expert loop in C++ elsewhere, CPU included), inside one
-  autograd function whose backward is written out (`_GroupedExperts`). Without autograd
-  (decoding), the CPU runs it on cache-sized blocks of experts (`_grouped_inference`).
+  autograd function whose backward is written out (`_GroupedExperts`). On a multi-core CPU a
+  large layer runs its experts as one contiguous run per thread, side by side (`_expert_shards`).
+  Without autograd (decoding), the CPU runs each run on cache-sized blocks of experts
+  (`_grouped_inference`).
 - `loop`: one `F.linear` per expert from Python, differentiated by autograd; any dtype and device.
 
 `auto` (the default) takes `grouped` wherever the kernel runs: fp32/bf16/fp16 weights on CPU or
