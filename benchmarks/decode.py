@@ -249,6 +249,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.checkpoint and not args.prompts:
         parser.error("--checkpoint needs --prompts (rows with a `reference` answer)")
+    if args.block_checkpoint and not args.checkpoint:
+        parser.error("--block-checkpoint goes with --checkpoint and --prompts (the same prompts score both)")
     torch.set_num_threads(args.threads)
     console = Console(width=160)
     load_before = os.getloadavg()
@@ -258,7 +260,7 @@ def main() -> None:
         all_figures[gen_length] = benchmark(args, gen_length)
     load_after = os.getloadavg()
     for gen_length, figures in all_figures.items():
-        title = f"gen {gen_length}, block {BLOCK_SIZE}, {args.requests} requests in one batch"
+        title = f"gen {gen_length}, block length 32, {args.requests} requests in one batch"
         title += f", median of {args.repeats}"
         report(figures, title, console)
     console.print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")

@@ -136,7 +136,8 @@ class DataSpec(StrictModel):
     # sees few distinct shapes (compiled kernels, CUDA graphs; 1: off)
     length_quantum: int = Field(1, ge=1)
     # Plain-text documents (no prompt, no image) of a batch are packed into rows of up to this many
-    # tokens, each document attending only to itself with its own positions (0: off)
+    # tokens, each document attending only to itself with its own positions (0: off). A packed row
+    # is one sample of the loss (one t, one `sequence` normaliser), as in LLaDA's pretraining
     pack_length: int = Field(0, ge=0)
 
 

@@ -89,14 +89,16 @@ PROMPT, NOISY, CLEAN = 0, 1, 2  # the copies of a block-diffusion training seque
 
 def document_positions(document_ids: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
     """[B, L] RoPE position of each token within its document: the real tokens of the document
-    before it (documents are contiguous runs of `document_ids`; padding gets the position of the
-    token before it and is never attended to)."""
+    before it (documents are contiguous runs of `document_ids`; padding, id -1, gets position 0 and
+    is never attended to)."""
     return _rank_within_document(is_real, document_ids).clamp(min=0)
 
 
 def same_document(document_q: torch.Tensor, document_k: torch.Tensor) -> torch.Tensor:
-    """[B, 1, Lq, Lk]: whether query and key belong to the same packed document."""
-    return _queries(document_q) == _keys(document_k)
+    """[B, 1, Lq, Lk]: whether query and key belong to the same packed document. A padding query
+    (id -1) may see any key, as without packing: a query that sees no key at all has undefined
+    attention (NaN in some kernels), and padding outputs are never used."""
+    return (_queries(document_q) == _keys(document_k)) | (_queries(document_q) < 0)
 
 
 def _rank_within_document(counted: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:

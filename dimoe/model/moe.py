@@ -21,10 +21,11 @@ CUDA. Expert weights are stored fused, as in `transformers`' OLMoE: `gate_up_pro
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import functools
 import itertools
+import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
@@ -45,6 +46,8 @@ _INFERENCE_BLOCK_BYTES = 1 << 20
 # Assignment rows × hidden × intermediate size from which the CPU runs experts on separate threads
 # (`_expert_shards`): 8,192 rows at d256 / F256, 4,096 at d512 / F256.
 _MIN_SHARDED_WORK = 1 << 29
+# The largest run may hold at most this multiple of an even share of the rows, else one run.
+_MAX_SHARD_IMBALANCE = 1.5
 
 
 @dataclass
@@ -245,7 +248,7 @@ def _expert_shards(offs: torch.Tensor, hidden: int, ffn: int) -> list[_Shard]:
     if offs.device.type != "cpu" or threads == 1:
         return whole
     ends = offs.tolist()
-    if ends[-1] * hidden * ffn < _MIN_SHARDED_WORK:
+    if not ends[-1] or ends[-1] * hidden * ffn < _MIN_SHARDED_WORK:
         return whole
     # Cut after the first expert whose rows reach i/threads of the total; the cut never passes
     # the last expert, since i/threads < 1.
@@ -255,12 +258,17 @@ def _expert_shards(offs: torch.Tensor, hidden: int, ffn: int) -> list[_Shard]:
     for first, end in itertools.pairwise(cuts):
         start = ends[first - 1] if first else 0
         shards.append(_Shard(slice(first, end), slice(start, ends[end - 1]), offs[first:end] - start))
-    return shards
+    # Experts are never split: when one holds most rows (a collapsed router) its run would go on
+    # one thread while the others idle, slower than the whole GEMM on all of them.
+    largest = max(s.rows.stop - s.rows.start for s in shards)
+    return whole if largest * threads > _MAX_SHARD_IMBALANCE * ends[-1] else shards
 
 
 @functools.cache
-def _shard_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, "dimoe-experts", initializer=torch.set_num_threads, initargs=(1,))
+def _shard_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        workers, "dimoe-experts", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def _run_shards(work: Callable[[int], _T], count: int, device_type: str) -> list[_T]:
@@ -284,9 +292,17 @@ def _run_shards(work: Callable[[int], _T], count: int, device_type: str) -> list
     torch.set_num_threads(1)
     try:
         futures = [pool.submit(run, i) for i in range(1, count)]
-        return [run(0), *(future.result() for future in futures)]
+        try:
+            first = run(0)
+        finally:  # no run outlives the call, even when the caller's own run raised
+            concurrent.futures.wait(futures)
+        return [first, *(future.result() for future in futures)]
     finally:
         torch.set_num_threads(threads)
+
+
+# A forked child has none of the parent's pool threads: it starts its own pool.
+os.register_at_fork(after_in_child=_shard_pool.cache_clear)
 
 
 def _weight_grad(

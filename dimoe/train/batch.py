@@ -117,6 +117,52 @@ def pack_documents(rows: Sequence[tuple[int, bool]], pack_length: int) -> list[l
     return groups
 
 
+@dataclass
+class _RowLayout:
+    """One output row: its prompt, its answer tokens, the columns its response takes (the answer
+    EOS-padded to `response_length`; a packed row's documents, unpadded), and the tokens of each
+    of its documents (one document: the whole row)."""
+
+    prompt: np.ndarray
+    answer: np.ndarray
+    window: int
+    documents: list[int]
+
+
+def _row_layout(sequences: list[np.ndarray], prompt_length: int, response_length: int) -> _RowLayout:
+    """The layout of one row, or of several plain-text documents packed into one (no prompt)."""
+    if len(sequences) > 1:
+        answer = np.concatenate(sequences)
+        return _RowLayout(sequences[0][:0], answer, len(answer), [len(s) for s in sequences])
+    prompt, answer = sequences[0][:prompt_length], sequences[0][prompt_length:]
+    window = max(response_length, len(answer))
+    return _RowLayout(prompt, answer, window, [prompt_length + window])
+
+
+def _fill_rows(
+    rows: list[_RowLayout], pad_id: int, eos_id: int, length_quantum: int
+) -> tuple[torch.Tensor, ...]:
+    """ids, attention, prefix, EOS-padding and document-id tensors [B, L] of the rows, left-padded
+    so that every response starts at the same column (and to a multiple of `length_quantum`)."""
+    response = max(row.window for row in rows)
+    length = -(-(max(len(row.prompt) for row in rows) + response) // length_quantum) * length_quantum
+    b = len(rows)
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention, prefix, eos_padding = (torch.zeros(b, length, dtype=torch.bool) for _ in range(3))
+    documents = torch.full((b, length), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = length - response - len(row.prompt)
+        answer_end, end = start + len(row.prompt) + len(row.answer), start + len(row.prompt) + row.window
+        ids[i, start:answer_end] = torch.from_numpy(np.concatenate([row.prompt, row.answer]))
+        ids[i, answer_end:end] = eos_id
+        eos_padding[i, answer_end:end] = True
+        attention[i, start:end] = True
+        prefix[i, start : start + len(row.prompt)] = True
+        counts = torch.tensor(row.documents)
+        documents[i, start:end] = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return ids, attention, prefix, eos_padding, documents
+
+
 def collate(
     rows: Mapping[str, Sequence[Any]],
     *,
@@ -147,37 +193,14 @@ def collate(
         (len(s), p == 0 and b is None) for s, p, b in zip(sequences, prompt_lengths, blobs, strict=True)
     ]
     groups = pack_documents(packable, pack_length) if pack_length else [[i] for i in range(len(sequences))]
-    # Per output row: its prompt, its answer tokens, and the columns its response takes (the
-    # answer EOS-padded to response_length; a packed row's documents, unpadded).
-    prompts = [sequences[g[0]][: prompt_lengths[g[0]]] for g in groups]
-    answers = [np.concatenate([sequences[i][prompt_lengths[i] :] for i in g]) for g in groups]
-    windows = [
-        len(a) if len(g) > 1 else max(response_length, len(a)) for g, a in zip(groups, answers, strict=True)
-    ]
-    response = max(windows)
-    length = -(-(max(map(len, prompts)) + response) // length_quantum) * length_quantum  # more left padding
-    b = len(groups)
-    ids = torch.full((b, length), pad_id, dtype=torch.long)
-    attention = torch.zeros(b, length, dtype=torch.bool)
-    prefix = torch.zeros(b, length, dtype=torch.bool)
-    eos_padding = torch.zeros(b, length, dtype=torch.bool)
-    documents = torch.full((b, length), -1, dtype=torch.long)
-    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        start = length - response - len(prompt)  # left padding starts every response at the same column
-        answer_end, end = start + len(prompt) + len(answer), start + len(prompt) + windows[i]
-        ids[i, start:answer_end] = torch.from_numpy(np.concatenate([prompt, answer]))
-        ids[i, answer_end:end] = eos_id
-        eos_padding[i, answer_end:end] = True
-        attention[i, start:end] = True
-        prefix[i, start : start + len(prompt)] = True
-        lengths = [len(sequences[j]) for j in groups[i]] if len(groups[i]) > 1 else [end - start]
-        documents[i, start:end] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    layout = [_row_layout([sequences[i] for i in g], prompt_lengths[g[0]], response_length) for g in groups]
+    ids, attention, prefix, eos_padding, documents = _fill_rows(layout, pad_id, eos_id, length_quantum)
     image_mask = ids == image_id
     images = [Image.open(io.BytesIO(blobs[g[0]])) for g in groups if blobs[g[0]] is not None]
     if images and processor is None:
         raise ValueError("the batch has images but the model has no vision tower")
     pixels = processor(images) if processor is not None else torch.zeros(0)
-    packed = documents if any(len(g) > 1 for g in groups) else None
+    packed = documents if any(len(row.documents) > 1 for row in layout) else None
     return TrainBatch(
         ids,
         attention,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dimoe.config.train import TrainConfig
+from dimoe.config.train import DiffusionSpec, TrainConfig
 from dimoe.diffusion import (
     LossOutput,
     NoisedBatch,
@@ -135,6 +135,11 @@ def estimate_proposal(
     return proposal, estimate
 
 
+# Held-out loss scoring: DiffusionSpec's defaults for these (the ELBO weight, per-sequence
+# normalisation, response tokens only, EOS padding at full weight), whatever the run trains with.
+HELDOUT_SCORING = ("loss_weight", "loss_norm", "include_prompt_ratio", "mask_eps", "eos_padding_weight")
+
+
 @torch.no_grad()
 def heldout_loss(
     model: torch.nn.Module,
@@ -148,7 +153,11 @@ def heldout_loss(
 ) -> float:
     """The diffusion loss of `batch` averaged over the fixed t grid `validation.t_grid`, one view
     per t with masks from a generator seeded by `seed`: the same number for the same weights, so
-    the values of a run are comparable step to step (the training loss draws new t and masks)."""
+    the values of a run are comparable step to step (the training loss draws new t and masks).
+    Which tokens count and how they weigh is one fixed rule (`HELDOUT_SCORING`), not the run's
+    recipe, so runs of different recipes (an ablation grid) are comparable too."""
+    fixed = {name: DiffusionSpec.model_fields[name].default for name in HELDOUT_SCORING}
+    cfg = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update=fixed)})
     generator = torch.Generator().manual_seed(seed)
     features = encode_images(batch.pixel_values) if batch.pixel_values.numel() else None
     was_training = model.training
@@ -328,7 +337,10 @@ def block_layout(
 
     response = clean_response.shape[1]
     real = torch.cat([attention_mask, attention_mask[:, -response:]], dim=1).bool()
-    positions, _ = whole_response_layout(attention_mask, prefix_mask, document_ids)
+    if document_ids is None:
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    else:
+        positions = document_positions(document_ids, attention_mask.bool())
     positions = torch.cat([positions, positions[:, -response:]], dim=1)
     blocks = response_blocks(prefix_mask.bool(), attention_mask.bool(), block_size, document_ids)
     blocks = torch.cat([blocks, blocks[:, -response:]], dim=1)

@@ -137,7 +137,9 @@ def test_grouped_experts_run_side_by_side_on_threads(routing, intra_op_threads):
     index = ROUTINGS[routing](40)
     weight = torch.rand(index.shape, requires_grad=True)
     shards = moe._expert_shards(sort_by_expert(index, 8)[1], 32, 48)
-    assert 1 < len(shards) <= intra_op_threads or len(shards) == intra_op_threads == 1
+    # a collapsed router (one expert holds every row) keeps the whole GEMM on all threads
+    split = intra_op_threads > 1 and routing != "all tokens to one expert"
+    assert (len(shards) > 1) == split and len(shards) <= intra_op_threads
     leaves = [x, weight, experts.gate_up_proj, experts.down_proj]
     got = output_and_grads(lambda: experts(x, index, weight), leaves)
     want = output_and_grads(lambda: dense_experts(experts, x, index, weight), leaves)
@@ -151,8 +153,9 @@ def test_grouped_experts_run_side_by_side_on_threads(routing, intra_op_threads):
         ([1, 2, 3, 4, 5, 6], 3, [(0, 2), (2, 4), (4, 6)]),  # equal rows: equal runs
         ([2, 3, 3, 6, 6], 2, [(0, 2), (2, 5)]),  # the expert reaching half the rows ends run 1
         ([0, 0, 9], 2, [(0, 3)]),  # one expert holds everything: one run
-        ([0, 0, 0], 2, [(0, 1), (1, 3)]),  # no rows at all: still every expert, once
+        ([0, 0, 0], 2, [(0, 3)]),  # no rows at all: nothing to share out
         ([4, 8], 3, [(0, 1), (1, 2)]),  # fewer experts than threads
+        ([1, 10, 11], 2, [(0, 3)]),  # the best cut leaves 10 of 11 rows on one thread: unsplit
         ([5, 9, 12], 1, [(0, 3)]),  # one thread: the whole grouped GEMM, unsplit
     ],
 )
@@ -202,6 +205,8 @@ def test_grouped_inference_in_blocks_equals_dense_reference(
         got = block(x)[0]
         want = dense_reference(block, x.reshape(-1, hidden)).reshape(x.shape)
     assert_all_close([got], [want])
+    # the same GEMM per expert as the autograd path: bit-identical to a training-mode forward
+    assert torch.equal(got, block(x.clone().requires_grad_())[0].detach())
 
 
 def test_experts_split_over_threads_only_from_min_sharded_work(monkeypatch):

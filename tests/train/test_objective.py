@@ -332,3 +332,27 @@ def test_ppots_training_step_weights_rows_by_the_proposal(tiny_model, rows):
     )
     assert torch.isfinite(out.loss)
     out.loss.backward()
+
+
+def test_heldout_loss_scores_every_recipe_by_one_rule(tiny_model, rows):
+    """Ablation variants differ in prompt ratio, loss weighting and EOS padding weight; their
+    held-out losses must score the same tokens the same way, so equal weights give equal values."""
+    from dimoe.train.objective import heldout_loss
+
+    batch = make_batch(tiny_model, rows)
+    recipes = [
+        TrainConfig(stage="s"),
+        TrainConfig(stage="s", diffusion={"include_prompt_ratio": 0.2, "loss_weight": "uniform",
+                                          "loss_norm": "token", "eos_padding_weight": 0.3}),
+    ]  # fmt: skip
+    args = {"mask_token_id": tiny_model.config.mask_token_id, "encode_images": tiny_model.encode_images}
+    losses = [heldout_loss(tiny_model, cfg, batch, **args) for cfg in recipes]
+    assert losses[0] == losses[1] > 0
+    # the training loss of the second recipe does differ: the rule is the held-out loss's own
+    generator = torch.Generator().manual_seed(0)
+    t = torch.full((batch.input_ids.shape[0],), 0.5)
+    views = [
+        make_views(cfg, batch, tiny_model.config.mask_token_id, generator, t=t, views="single")
+        for cfg in recipes
+    ]
+    assert not torch.equal(views[0].masked, views[1].masked)

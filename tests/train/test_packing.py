@@ -57,20 +57,27 @@ def columns_of(batch, row):
 
 @pytest.mark.parametrize("attention", ["full", "prefix", "causal", "block"])
 def test_packed_row_logits_equal_each_document_alone(tiny_spec, tokenizer, attention):
+    """A batch of the packed documents (left-padded) and a longer chat row (right-padded): every
+    document and the chat row get the logits they get alone."""
     spec = tiny_spec.model_copy(update={"attention": attention, "block_size": 4, "vision": None})
     model = build_model(spec, tokenizer, seed=0).eval()
-    docs = documents(tokenizer)
-    packed, alone = batch_of(tokenizer, docs, pack_length=64), batch_of(tokenizer, docs, pack_length=0)
-    assert len(packed.input_ids) == 1
+    question = "What is 12 plus 5? There is a red circle at the left of the image, and a blue star."
+    chat = encode_chat(tokenizer, [Message("user", question), Message("assistant", "The answer is 17.")])
+    rows = [*documents(tokenizer), (chat.input_ids, chat.prompt_length)]
+    packed, alone = batch_of(tokenizer, rows, pack_length=64), batch_of(tokenizer, rows, pack_length=0)
+    assert len(packed.input_ids) == 2 and (packed.document_ids[0] == -1).any()
     with torch.no_grad():
         got = model(packed.input_ids, packed.attention_mask.long(), prefix_mask=packed.prefix_mask,
-                    document_ids=packed.document_ids).logits[0]  # fmt: skip
-        for i, columns in enumerate(columns_of(packed, 0)):
+                    document_ids=packed.document_ids).logits  # fmt: skip
+        assert not got.isnan().any()
+        pieces = [(0, columns) for columns in columns_of(packed, 0)]
+        pieces.append((1, torch.nonzero(packed.attention_mask[1]).flatten()))
+        for i, (row, columns) in enumerate(pieces):
             own = alone.attention_mask[i]
             want = model(
                 alone.input_ids[i : i + 1, own], prefix_mask=alone.prefix_mask[i : i + 1, own]
             ).logits[0]
-            torch.testing.assert_close(got[columns], want[: len(columns)], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[row, columns], want[: len(columns)], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [4, None])  # block diffusion; the whole response (WSD's stable phase)
