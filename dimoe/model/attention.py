@@ -13,8 +13,8 @@ Masks (docs/design.md §3):
   response in one sequence.
 Padding keys are never attended to, so padding cannot affect real positions. Rows packed with
 several documents (`document_ids`) add a document-level mask to any of these: a token sees only
-its own document's keys, and RoPE positions restart at each document (`same_document`,
-`document_positions`).
+its own document's keys, and RoPE positions restart at each document (`within_documents`,
+`token_positions`).
 """
 
 from __future__ import annotations
@@ -87,18 +87,21 @@ def build_attention_mask(
 PROMPT, NOISY, CLEAN = 0, 1, 2  # the copies of a block-diffusion training sequence
 
 
-def document_positions(document_ids: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
-    """[B, L] RoPE position of each token within its document: the real tokens of the document
-    before it (documents are contiguous runs of `document_ids`; padding, id -1, gets position 0 and
-    is never attended to)."""
+def token_positions(is_real: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] RoPE position of each token: the real tokens before it in its row, so left padding
+    does not shift RoPE, or in its document of a packed row (documents are contiguous runs of
+    `document_ids`). Padding gets position 0 (or its row's last position) and is never attended to."""
     return _rank_within_document(is_real, document_ids).clamp(min=0)
 
 
-def same_document(document_q: torch.Tensor, document_k: torch.Tensor) -> torch.Tensor:
-    """[B, 1, Lq, Lk]: whether query and key belong to the same packed document. A padding query
-    (id -1) may see any key, as without packing: a query that sees no key at all has undefined
-    attention (NaN in some kernels), and padding outputs are never used."""
-    return (_queries(document_q) == _keys(document_k)) | (_queries(document_q) < 0)
+def within_documents(mask: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """`mask` [B, 1, L, L] restricted to query-key pairs of the same packed document (unchanged
+    without `document_ids`). A padding query (id -1) keeps every key, as without packing: a query
+    that sees no key at all has undefined attention (NaN in some kernels), and padding outputs are
+    never used."""
+    if document_ids is None:
+        return mask
+    return mask & ((_queries(document_ids) == _keys(document_ids)) | (_queries(document_ids) < 0))
 
 
 def _rank_within_document(counted: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:

@@ -27,10 +27,10 @@ from .attention import (
     RMSNorm,
     block_diffusion_mask,
     build_attention_mask,
-    document_positions,
     response_blocks,
     rope_cos_sin,
-    same_document,
+    token_positions,
+    within_documents,
 )
 from .config import DiMoEConfig
 from .moe import Experts, MoEBlock, RouterOutput, SwiGLU, TopKRouter
@@ -278,41 +278,21 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE positions [B, L] of the tokens, which are keys start..start+L-1 of `key_real`, and
-        their attention mask over the keys; with `document_ids` (a packed row, never cached), per
-        document."""
-        if document_ids is not None:
-            return self._packed_positions_and_mask(real, prefix_mask, document_ids)
-        # A position counts the real tokens before it, so left padding does not shift RoPE.
-        positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start : start + real.shape[1]]
+        their attention mask over the keys; with `document_ids` (a packed row, never cached), each
+        document's own, as if it were alone in its row."""
+        positions = token_positions(key_real, document_ids)[:, start : start + real.shape[1]]
         # Beside a cache every token is a response token: it sees every real key.
         use_prefix = self.config.attention == "prefix" and prefix_mask is not None and not cached
         if self.config.attention == "block" and not cached:
             is_prefix = prefix_mask.bool() & real if prefix_mask is not None else torch.zeros_like(real)
-            blocks = response_blocks(is_prefix, real, self.config.block_size)
-            copy = torch.where(blocks >= 0, CLEAN, PROMPT)
-            return positions, block_diffusion_mask(copy, blocks, copy, blocks, key_real)
-        query_prefix = prefix_mask.bool() & real if use_prefix else None
-        causal_from = start if self.config.attention == "causal" else None
-        return positions, build_attention_mask(
-            key_real, query_prefix, query_prefix, causal_from, real.shape[1]
-        )
-
-    def _packed_positions_and_mask(
-        self, real: torch.Tensor, prefix_mask: torch.Tensor | None, document_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention type's mask computed per document of a packed row: the same positions
-        and mask each document would get alone in its own row."""
-        is_prefix = prefix_mask.bool() & real if prefix_mask is not None else torch.zeros_like(real)
-        positions = document_positions(document_ids, real)
-        if self.config.attention == "block":
             blocks = response_blocks(is_prefix, real, self.config.block_size, document_ids)
             copy = torch.where(blocks >= 0, CLEAN, PROMPT)
-            mask = block_diffusion_mask(copy, blocks, copy, blocks, real)
+            mask = block_diffusion_mask(copy, blocks, copy, blocks, key_real)
         else:
-            query_prefix = is_prefix if self.config.attention == "prefix" else None
-            causal_from = 0 if self.config.attention == "causal" else None
-            mask = build_attention_mask(real, query_prefix, query_prefix, causal_from, real.shape[1])
-        return positions, mask & same_document(document_ids, document_ids)
+            query_prefix = prefix_mask.bool() & real if use_prefix else None
+            causal_from = start if self.config.attention == "causal" else None
+            mask = build_attention_mask(key_real, query_prefix, query_prefix, causal_from, real.shape[1])
+        return positions, within_documents(mask, document_ids)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(

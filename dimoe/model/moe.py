@@ -201,8 +201,10 @@ def _grouped_inference(
     shards = _expert_shards(offs, *down.shape[1:])
     max_rows = max(1, _INFERENCE_BLOCK_BYTES // (max(gate_up.shape[1], down.shape[1]) * x.element_size()))
 
-    def shard_forward(i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        s, outputs = shards[i], []
+    def shard_forward(i: int) -> torch.Tensor:
+        # Each run adds its blocks into its own output as it goes, so each block's rows are freed
+        # before the next; the runs' outputs are then summed as in `_GroupedExperts`.
+        s, out = shards[i], torch.zeros_like(x)
         on_cpu = x.device.type == "cpu"
         blocks = _row_blocks(s.offs.tolist(), max_rows) if on_cpu else [(0, len(s.offs), 0, len(order))]
         for first_expert, end_expert, first, end in blocks:
@@ -212,14 +214,19 @@ def _grouped_inference(
             *_, y = _expert_rows(
                 x, gate_up[experts], down[experts], gates_sorted[rows], token[rows], block_offs
             )
-            outputs.append((token[rows], y))
-        return outputs
+            out.index_add_(0, token[rows], y)
+        return out
 
-    out = torch.zeros_like(x)
-    for rows_token, y in itertools.chain.from_iterable(
-        _run_shards(shard_forward, len(shards), x.device.type)
-    ):
-        out.index_add_(0, rows_token, y)
+    return _sum_in_order(_run_shards(shard_forward, len(shards), x.device.type))
+
+
+def _sum_in_order(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The runs' [N, D] outputs added in run order, in place into the first. Both the autograd and
+    the no-grad path build each run's output in the same row order and sum them this way, so they
+    agree bit for bit."""
+    out, *others = outputs
+    for other in others:
+        out += other
     return out
 
 
@@ -349,14 +356,13 @@ class _GroupedExperts(torch.autograd.Function):
 
         def shard_forward(i: int) -> tuple[torch.Tensor, ...]:
             s = shards[i]
-            return _expert_rows(
+            *kept, y = _expert_rows(
                 x, gate_up[s.experts], down[s.experts], gates_sorted[s.rows], token[s.rows], s.offs
             )
+            return *kept, torch.zeros_like(x).index_add_(0, token[s.rows], y)
 
         parts = _run_shards(shard_forward, len(shards), x.device.type)
-        out = torch.zeros_like(x)
-        for shard, (*_, y) in zip(shards, parts, strict=True):
-            out.index_add_(0, token[shard.rows], y)
+        out = _sum_in_order([run_out for *_, run_out in parts])
         kept = [tensor for x_sorted, gate_up_out, act, _ in parts for tensor in (x_sorted, gate_up_out, act)]
         ctx.save_for_backward(gate_up, down, gates_sorted, order, *kept)
         ctx.shards, ctx.top_k = shards, gates.shape[1]

@@ -34,7 +34,7 @@ from dimoe.diffusion import (
     view_consistency_loss,
 )
 from dimoe.diffusion.ppots import Proposal, fit_proposal, loss_moments, optimal_shape
-from dimoe.model.attention import build_attention_mask, document_positions, same_document
+from dimoe.model.attention import build_attention_mask, token_positions, within_documents
 from dimoe.train.batch import MODALITIES, TrainBatch
 
 if TYPE_CHECKING:
@@ -313,9 +313,7 @@ def whole_response_layout(
     per document in packed rows."""
     real, prefix = attention_mask.bool(), prefix_mask.bool() & attention_mask.bool()
     mask = build_attention_mask(real, prefix, prefix)
-    if document_ids is None:
-        return (attention_mask.long().cumsum(1) - 1).clamp(min=0), mask
-    return document_positions(document_ids, real), mask & same_document(document_ids, document_ids)
+    return token_positions(real, document_ids), within_documents(mask, document_ids)
 
 
 def block_layout(
@@ -337,19 +335,15 @@ def block_layout(
 
     response = clean_response.shape[1]
     real = torch.cat([attention_mask, attention_mask[:, -response:]], dim=1).bool()
-    if document_ids is None:
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    else:
-        positions = document_positions(document_ids, attention_mask.bool())
+    positions = token_positions(attention_mask.bool(), document_ids)
     positions = torch.cat([positions, positions[:, -response:]], dim=1)
     blocks = response_blocks(prefix_mask.bool(), attention_mask.bool(), block_size, document_ids)
     blocks = torch.cat([blocks, blocks[:, -response:]], dim=1)
     noisy = torch.where(blocks[:, :-response] >= 0, NOISY, PROMPT)
     copy = torch.cat([noisy, torch.full_like(clean_response, CLEAN)], dim=1)
     mask = block_diffusion_mask(copy, blocks, copy, blocks, real)
-    if document_ids is not None:
-        documents = torch.cat([document_ids, document_ids[:, -response:]], dim=1)
-        mask = mask & same_document(documents, documents)
+    if document_ids is not None:  # the clean copy belongs to the documents it copies
+        mask = within_documents(mask, torch.cat([document_ids, document_ids[:, -response:]], dim=1))
     return torch.cat([noisy_ids, clean_response], dim=1), real, positions, mask
 
 

@@ -21,7 +21,7 @@ from dimoe.config.eval import EvalConfig
 from dimoe.config.loader import ConfigError, load_config
 from dimoe.config.train import TrainConfig
 from dimoe.config.tune import TuneConfig
-from dimoe.io import read_json, write_json
+from dimoe.io import iter_jsonl, read_json, write_json
 
 RESULT_COLUMNS = (
     "variant", "seed", "status", "accuracy_best", "accuracy_fast", "describe_f1_best", "describe_f1_fast",
@@ -135,8 +135,6 @@ def final_heldout_loss(log_dir: Path) -> dict[str, float]:
     """`heldout_loss`: the last `val_loss` the stage logged (`train.validation`: the diffusion loss
     of held-out rows at a fixed t grid and fixed masks, comparable across variants); nothing when
     the stage ran without validation."""
-    from dimoe.io import iter_jsonl
-
     losses = [row["val_loss"] for _, row in iter_jsonl(log_dir / "train_metrics.jsonl") if "val_loss" in row]
     return {"heldout_loss": losses[-1]} if losses else {}
 
