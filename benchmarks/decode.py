@@ -169,7 +169,8 @@ def benchmark(args: argparse.Namespace, gen_length: int) -> dict[str, dict[str, 
     if args.profile:
         profile(first, requests, gen_length)
     engines = [(first, runs(gen_length))]
-    if not args.checkpoint or args.block_checkpoint:
+    wanted = selected(list(block_model_runs(gen_length)), args.rows)
+    if wanted and (not args.checkpoint or args.block_checkpoint):  # fit or load it only when its rows run
         engines.append((task(args, gen_length, first)[0], block_model_runs(gen_length)))
     for engine, all_runs in engines:
         for name in selected(list(all_runs), args.rows):
