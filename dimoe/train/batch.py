@@ -71,19 +71,24 @@ def length_grouped(
     batch_size: int,
     rng: np.random.Generator,
     bucket: int = 1,
+    order_rng: np.random.Generator | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Cut each group of rows (a multiple of `batch_size`, as Ray Data yields them) into batches of
     similar length and yield those batches in random order (the `group_by_length` of HF Trainer).
 
     A batch is as wide as its longest row, so mixing one-word VQA answers with 60-token
     descriptions otherwise spends most of the compute on padding. Rows are ordered by their
-    `bucket`-token length band and at random within a band, so rows of nearly equal length but
-    different kinds (one template per question type) still share batches."""
+    `bucket`-token length band and at random within a band (`rng`), so rows of nearly equal length
+    but different kinds (one template per question type) still share batches. The batches' order
+    comes from `order_rng` (default `rng`): data-parallel ranks given equally seeded ones take their
+    k-th shortest batch at the same step, so no rank waits at the gradient all-reduce for a rank
+    with a batch twice as long."""
+    order_rng = order_rng or rng
     for group in groups:
         lengths = np.array([len(ids) for ids in group["input_ids"]])
         order = np.lexsort((rng.random(len(lengths)), lengths // bucket))
         batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        for index in rng.permutation(len(batches)):
+        for index in order_rng.permutation(len(batches)):
             yield {name: np.asarray(column)[batches[index]] for name, column in group.items()}
 
 

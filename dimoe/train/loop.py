@@ -223,8 +223,11 @@ class Trainer:
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 local_shuffle_seed=cfg.seed + self.step if cfg.data.shuffle_buffer else None,
             )
-            order_rng = np.random.default_rng([cfg.seed, self.rank, self.step])  # batch order of this pass
-            for rows in length_grouped(groups, cfg.batch_size, order_rng, cfg.data.length_bucket):
+            # Rows within a length band are shuffled per rank; the order of the batches is the same
+            # on every rank (see length_grouped).
+            row_rng = np.random.default_rng([cfg.seed, self.rank, self.step])
+            order_rng = np.random.default_rng([cfg.seed, self.step])
+            for rows in length_grouped(groups, cfg.batch_size, row_rng, cfg.data.length_bucket, order_rng):
                 if self.step >= cfg.max_steps:
                     return
                 yield rows

@@ -177,6 +177,28 @@ def test_length_grouping_serves_every_row_once_in_batches_of_similar_length():
     assert [b["row"][0] for b in batches] != [b["row"][0] for b in reordered]  # batch order is shuffled
 
 
+def test_ranks_with_a_shared_order_take_batches_of_the_same_length_band_at_each_step():
+    """Data-parallel ranks wait for each other at every all-reduce: the k-th batch of each rank
+    must be as wide as the others' k-th, though the ranks hold different rows."""
+    import numpy as np
+
+    from dimoe.train.batch import length_grouped
+
+    def shard(seed: int) -> dict[str, np.ndarray]:
+        lengths = np.random.default_rng(seed).permutation([5] * 24 + [60] * 8)
+        return {"input_ids": np.array([np.arange(n) for n in lengths], dtype=object)}
+
+    def widths(rank: int, order_seed: int) -> list[int]:
+        rows, order = np.random.default_rng([rank]), np.random.default_rng([order_seed])
+        batches = length_grouped([shard(rank)], 8, rows, bucket=32, order_rng=order)
+        return [max(len(ids) for ids in b["input_ids"]) for b in batches]
+
+    assert widths(0, order_seed=7) == widths(1, order_seed=7)
+    assert 60 in widths(0, order_seed=7)
+    # each rank ordering its batches on its own (the old per-rank seed) puts them out of step
+    assert any(widths(0, order_seed=s) != widths(1, order_seed=s + 1) for s in range(4))
+
+
 def test_length_grouping_mixes_row_kinds_of_nearly_equal_length():
     """The demo's four VQA question types are 26, 27, 28 and 30 tokens long: sorted by exact length,
     every batch held one type, and the tiny model stayed at the per-type majority answer."""
