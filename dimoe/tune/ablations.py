@@ -80,8 +80,8 @@ def run_trial(config: dict[str, Any]) -> None:
         if not (final / "model.safetensors").is_file():  # a resumed trial skips finished stages
             run_stage(stage, callbacks=[TuneReportCallback()])
         previous, steps = final, steps + stage.max_steps
-    # Diagnostics come from the stage the variant is about (the base stage), evaluation from the
-    # weights the variant ends with.
+    # Diagnostics and the held-out loss come from the stage the variant is about (the base stage,
+    # whose held-out rows every variant shares), evaluation from the weights the variant ends with.
     base_stage_dir = Path(stages[0].output_dir) / stages[0].stage
     row = {
         "variant": variant,
@@ -89,7 +89,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "status": "ok",
         "train_steps": steps,
         **evaluate_trial(cfg, previous, trial_dir / "eval"),
-        **final_heldout_loss(Path(stages[-1].output_dir) / stages[-1].stage / "logs"),
+        **final_heldout_loss(base_stage_dir / "logs"),
         **diagnose_trial(base_stage_dir / "logs"),
     }
     write_json(trial_dir / "result.json", row)
