@@ -10,7 +10,8 @@ Every worker runs `train_loop_per_worker`, which reads as the run goes:
     trainer.export()   the final weights in HF format
 
 Checkpoint layout (under `<output_dir>/<stage>/checkpoints/`, managed by Ray Train): DeepSpeed's
-own files under the tag `ds`, and `trainer_state.json` with the step and the routing prior's EMA.
+own files under the tag `ds`, and `trainer_state.json` (rank 0; `trainer_state_rank<r>.json` for
+rank r) with the step, the reported metrics and that rank's routing-prior EMA.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ from dimoe.train.validation import DATASET as VALIDATION_DATASET
 from dimoe.train.validation import Validator
 
 STATE_FILE = "trainer_state.json"
+
+
+def rank_state_file(rank: int) -> str:
+    """The trainer-state file of one rank. Ray Train merges every rank's checkpoint folder into one,
+    so ranks must not share a file name (two concurrent copies of one name interleave); rank 0 keeps
+    the plain name, whose metrics are the ones Ray reported and `merge-checkpoints` ranks by."""
+    return STATE_FILE if rank == 0 else f"trainer_state_rank{rank}.json"
 DS_TAG = "ds"
 
 # Not `print`: Ray Train replaces `print` in its workers with a copy to the worker's stdout plus a
@@ -153,7 +161,9 @@ class Trainer:
             return
         with checkpoint.as_directory() as directory:
             self.engine.load_checkpoint(directory, tag=DS_TAG)
-            state = read_json(Path(directory) / STATE_FILE)
+            # each rank's own routing prior; rank 0's if the run resumes on more workers than it had
+            own = Path(directory) / rank_state_file(self.rank)
+            state = read_json(own if own.is_file() else Path(directory) / STATE_FILE)
         self.step = self.last_checkpoint_step = state["step"]
         self.prior.load_state_dict({k: torch.tensor(v) for k, v in state["prior"].items()})
         if self.rank == 0:
@@ -338,7 +348,7 @@ class Trainer:
             prior = {k: v.tolist() for k, v in self.prior.state_dict().items()}
             # the reported metrics too: `dimoe tools merge-checkpoints` ranks the kept checkpoints by them
             state = {"step": self.step, "prior": prior, "metrics": metrics}
-            write_json(Path(tmp) / STATE_FILE, state, indent=None)
+            write_json(Path(tmp) / rank_state_file(self.rank), state, indent=None)
             if self.world > 1:
                 torch.distributed.barrier()
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
