@@ -41,6 +41,12 @@ from dimoe.train.validation import DATASET as VALIDATION_DATASET
 from dimoe.train.validation import Validator
 
 STATE_FILE = "trainer_state.json"
+DS_TAG = "ds"
+
+# Not `print`: Ray Train replaces `print` in its workers with a copy to the worker's stdout plus a
+# record for the root logger, whose console handler writes it to stderr, so every printed line
+# reached the driver twice. A log record is written once (and also lands in Ray Train's app log).
+log = logging.getLogger(__name__)
 
 
 def rank_state_file(rank: int) -> str:
@@ -48,12 +54,6 @@ def rank_state_file(rank: int) -> str:
     so ranks must not share a file name (two concurrent copies of one name interleave); rank 0 keeps
     the plain name, whose metrics are the ones Ray reported and `merge-checkpoints` ranks by."""
     return STATE_FILE if rank == 0 else f"trainer_state_rank{rank}.json"
-DS_TAG = "ds"
-
-# Not `print`: Ray Train replaces `print` in its workers with a copy to the worker's stdout plus a
-# record for the root logger, whose console handler writes it to stderr, so every printed line
-# reached the driver twice. A log record is written once (and also lands in Ray Train's app log).
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
