@@ -26,9 +26,6 @@ class VisionConfig(StrictModel):
     num_attention_heads: int = Field(2, gt=0)
     feature_layer: int = -1  # index into SigLIP's hidden states (-1 = last, -2 = LLaVA's choice)
     pool_2x2: bool = True  # average-pool the patch grid 2×2: 4× fewer image tokens
-    # A learned vector per image token, added after the projector. RoPE puts a token's position into
-    # its query and key only; with this on, the value an answer reads also says where the token is.
-    position_embedding: bool = False
     pretrained_dir: str | None = None  # local SigLIP directory; None = random init from the fields above
 
     @property

@@ -22,8 +22,7 @@ except ImportError:  # a checkpoint's copy of this file, loaded by transformers 
     ModelConfig = VisionConfig = image_token_count = None
 
 # Schema fields that are not config.json keys: `name` only labels the YAML file, and the vision
-# tower is stored as `vision_config` + `vision_feature_layer` + `vision_pool_2x2` +
-# `vision_position_embedding`.
+# tower is stored as `vision_config` + `vision_feature_layer` + `vision_pool_2x2`.
 SCHEMA_ONLY_FIELDS = frozenset({"name", "vision"})
 BACKBONE_FIELDS = (
     tuple(name for name in ModelConfig.model_fields if name not in SCHEMA_ONLY_FIELDS) if ModelConfig else ()
@@ -44,7 +43,6 @@ class DiMoEConfig(PreTrainedConfig):
         vision_config: dict[str, Any] | None = None,  # `SiglipVisionConfig` kwargs; None = text-only
         vision_feature_layer: int | None = None,  # None: the schema's default
         vision_pool_2x2: bool | None = None,  # None: the schema's default
-        vision_position_embedding: bool | None = None,  # None: the schema's default (off)
         num_image_tokens: int | None = None,  # None: computed from vision_config
         mask_token_id: int = 2,
         image_token_id: int = 3,
@@ -61,8 +59,6 @@ class DiMoEConfig(PreTrainedConfig):
                 defaults.feature_layer if vision_feature_layer is None else vision_feature_layer
             )
             vision_pool_2x2 = defaults.pool_2x2 if vision_pool_2x2 is None else vision_pool_2x2
-            if vision_position_embedding is None:
-                vision_position_embedding = defaults.position_embedding
             if num_image_tokens is None:
                 shape = vision_config or {}
                 num_image_tokens = (
@@ -73,8 +69,6 @@ class DiMoEConfig(PreTrainedConfig):
         self.vision_config = vision_config
         self.vision_feature_layer = vision_feature_layer
         self.vision_pool_2x2 = vision_pool_2x2
-        # a config.json written before the field existed has no image position embedding
-        self.vision_position_embedding = bool(vision_position_embedding)
         self.num_image_tokens = num_image_tokens
         self.mask_token_id = mask_token_id
         self.image_token_id = image_token_id
@@ -117,6 +111,5 @@ def hf_config_from_spec(spec: ModelConfig, token_ids: dict[str, int], vocab_size
         vision_config={**vision.siglip_shape(), "vision_use_head": False},
         vision_feature_layer=vision.feature_layer,
         vision_pool_2x2=vision.pool_2x2,
-        vision_position_embedding=vision.position_embedding,
         **token_ids,
     )

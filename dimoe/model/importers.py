@@ -300,19 +300,16 @@ def set_image_size(model: DiMoEVLModel, image_size: int) -> None:
         raise UserError(
             f"vision_image_size {image_size} is not a multiple of the patch size {shape['patch_size']}"
         )
-    config = model.config
     state = model.vision.state_dict()
     key = next(k for k in state if k.endswith("embeddings.position_embedding.weight"))
     state[key] = interpolate_position_embedding(state[key], image_size // shape["patch_size"])
     shape["image_size"] = image_size
-    config.vision_config = shape
-    config.num_image_tokens = image_token_count(image_size, shape["patch_size"], config.vision_pool_2x2)
-    if model.vision.position is not None:  # the image tokens' own grid, resampled the same way
-        grid = int(config.num_image_tokens**0.5)
-        state["position"] = interpolate_position_embedding(state["position"], grid)
-    tower = VisionTower(config)
+    config = model.config
+    tower = VisionTower(shape, config.hidden_size, config.vision_feature_layer, config.vision_pool_2x2)
     tower.load_state_dict(state)
     model.vision = tower.to(device=model.device, dtype=model.dtype)
+    config.vision_config = shape
+    config.num_image_tokens = image_token_count(image_size, shape["patch_size"], config.vision_pool_2x2)
 
 
 @torch.no_grad()

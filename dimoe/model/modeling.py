@@ -154,8 +154,6 @@ class DiMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.expert_bias is not None:
                 init.zeros_(module.expert_bias)
-        elif isinstance(module, VisionTower) and module.position is not None:
-            init.normal_(module.position, mean=0.0, std=std)
 
 
 class DiMoEVLModel(DiMoEPreTrainedModel):
@@ -167,7 +165,13 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.vision = VisionTower(config) if config.vision_config else None
+        self.vision = (
+            VisionTower(
+                config.vision_config, config.hidden_size, config.vision_feature_layer, config.vision_pool_2x2
+            )
+            if config.vision_config
+            else None
+        )
         self.post_init()
 
     # -- parameter groups, for per-group learning rates and freezing -------------------------------
@@ -179,7 +183,7 @@ class DiMoEVLModel(DiMoEPreTrainedModel):
         for name, param in self.named_parameters():
             if name.startswith("vision.encoder."):
                 groups["vision"].append((name, param))
-            elif name.startswith(("vision.projector.", "vision.position")):
+            elif name.startswith("vision.projector."):
                 groups["projector"].append((name, param))
             elif ".mlp.gate." in name:
                 groups["router"].append((name, param))

@@ -1,32 +1,27 @@
 """Vision tower: SigLIP (from `transformers`) → chosen hidden layer → optional 2×2 pooling →
-2-layer GELU MLP projector into the backbone width → optional learned position per image token."""
+2-layer GELU MLP projector into the backbone width."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from .config import DiMoEConfig
-
 
 class VisionTower(nn.Module):
-    """The tower of `config` (`vision_config`, `vision_feature_layer`, `vision_pool_2x2`,
-    `vision_position_embedding`, `num_image_tokens`)."""
-
-    def __init__(self, config: DiMoEConfig) -> None:
+    def __init__(
+        self, vision_config: dict[str, Any], hidden_size: int, feature_layer: int, pool_2x2: bool
+    ) -> None:
         super().__init__()
-        self.encoder = SiglipVisionModel(SiglipVisionConfig(**config.vision_config))
-        self.feature_layer = config.vision_feature_layer
-        self.pool_2x2 = config.vision_pool_2x2
-        width, hidden = config.vision_config["hidden_size"], config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        # [N, hidden], row-major over the token grid; the model's `_init_weights` draws it
-        self.position = (
-            nn.Parameter(torch.empty(config.num_image_tokens, hidden))
-            if config.vision_position_embedding
-            else None
+        self.encoder = SiglipVisionModel(SiglipVisionConfig(**vision_config))
+        self.feature_layer = feature_layer
+        self.pool_2x2 = pool_2x2
+        width = vision_config["hidden_size"]
+        self.projector = nn.Sequential(
+            nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -38,5 +33,4 @@ class VisionTower(nn.Module):
             grid = int(patches**0.5)
             features = features.transpose(1, 2).reshape(b, width, grid, grid)
             features = F.avg_pool2d(features, 2, ceil_mode=True).flatten(2).transpose(1, 2)
-        tokens = self.projector(features)
-        return tokens if self.position is None else tokens + self.position
+        return self.projector(features)

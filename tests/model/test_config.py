@@ -17,7 +17,6 @@ ADDED_KEYS = {
     "dense_layers": [],
     "moe_dispatch": "auto",
     "partial_rotary_factor": 1.0,
-    "vision_position_embedding": False,
     "router_expert_bias": False,
     "attention_bias": False,
     "block_size": 32,

@@ -174,17 +174,3 @@ def test_set_image_size_keeps_the_tower_and_interpolates_its_positions(checkpoin
     assert json.loads((tmp_path / "at64" / "preprocessor_config.json").read_text())["size"]["height"] == 64
     with pytest.raises(UserError, match="not a multiple of the patch size 8"):
         set_image_size(model, 60)
-
-
-def test_set_image_size_resamples_the_image_position_embedding(small_spec, tokenizer):
-    """The image tokens' own position rows follow the token grid (2×2 → 4×4 at 64 px); bicubic
-    resampling keeps a constant grid constant."""
-    vision = small_spec.vision.model_copy(update={"position_embedding": True})
-    model = build_model(small_spec.model_copy(update={"vision": vision}), tokenizer, seed=0)
-    row = torch.randn(model.config.hidden_size)
-    with torch.no_grad():
-        model.vision.position.copy_(row.expand(4, -1))
-    set_image_size(model, 64)
-    assert model.vision.position.shape == (16, model.config.hidden_size)
-    torch.testing.assert_close(model.vision.position.detach(), row.expand(16, -1))
-    assert model.encode_images(torch.randn(1, 3, 64, 64)).shape[1] == 16

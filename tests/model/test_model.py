@@ -140,28 +140,6 @@ def test_parameter_groups_partition_the_model(tiny_model):
     assert all(".mlp.gate." in n for n, _ in groups["router"]) and groups["projector"] and groups["vision"]
 
 
-def test_image_position_embedding_adds_one_learned_vector_per_image_token(tiny_spec, tokenizer, tmp_path):
-    """`vision.position_embedding: true`: every image's token i gets row i of `vision.position` added
-    (the same image with the rows zeroed differs by exactly those rows); the rows train with the
-    projector and survive save and load."""
-    vision = tiny_spec.vision.model_copy(update={"position_embedding": True})
-    torch.manual_seed(0)
-    model = build_model(tiny_spec.model_copy(update={"vision": vision}), tokenizer).eval()
-    position = model.vision.position
-    assert position.shape == (4, 128) and 0.01 < position.std() < 0.03  # drawn at initializer_range
-    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        tokens = model.encode_images(pixels)
-        kept = position.clone()
-        position.zero_()
-        without = model.encode_images(pixels)
-        position.copy_(kept)
-    torch.testing.assert_close(tokens - without, kept.expand(3, -1, -1))
-    assert [n for n, _ in model.parameter_groups()["projector"]].count("vision.position") == 1
-    loaded, _ = load_checkpoint(save_checkpoint(model, tokenizer, tmp_path / "ckpt"))
-    assert loaded.config.vision_position_embedding and torch.equal(loaded.vision.position, kept)
-
-
 def test_build_requires_vision_section_for_vision_weights(tiny_spec, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="vision: null"):
         build_model(tiny_spec.model_copy(update={"vision": None}), tokenizer, vision_from=tmp_path)
