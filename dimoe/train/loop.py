@@ -161,7 +161,8 @@ class Trainer:
             return
         with checkpoint.as_directory() as directory:
             self.engine.load_checkpoint(directory, tag=DS_TAG)
-            # each rank's own routing prior; rank 0's if the run resumes on more workers than it had
+            # each rank's own routing prior; rank 0's when the checkpoint has no file for this rank
+            # (the run resumes on more workers than it had, or the checkpoint predates per-rank files)
             own = Path(directory) / rank_state_file(self.rank)
             state = read_json(own if own.is_file() else Path(directory) / STATE_FILE)
         self.step = self.last_checkpoint_step = state["step"]
