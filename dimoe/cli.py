@@ -244,11 +244,14 @@ def data_synth(
     ),
     seed: int = 0,
     size: Annotated[int, typer.Option(help="Number of scenes.")] = 3000,
+    extra_test_scenes: Annotated[
+        int, typer.Option(help="More test scenes beyond 5% of --size; the training data stays the same.")
+    ] = 0,
 ) -> None:
     """Generate the built-in vision-language demo data and train its tokenizer."""
     from dimoe.data.synthetic import synthesize
 
-    print_json(synthesize(out, seed=seed, size=size))
+    print_json(synthesize(out, seed=seed, size=size, extra_test_scenes=extra_test_scenes))
 
 
 @data_app.command("normalize")

@@ -7,7 +7,7 @@ quadrant of the image (top left, top right, bottom left, bottom right): a 2×2 g
 answer is a deterministic function of the scene (shapes are listed in quadrant order), so exact
 match is a meaningful metric and the majority-answer baseline is well defined.
 
-`synthesize(out_dir, seed, size)` writes::
+`synthesize(out_dir, seed, size, extra_test_scenes=0)` writes::
 
     out_dir/raw/stage1_projector.json   captions, LLaVA JSON array
     out_dir/raw/stage2_llm.jsonl        text-only instructions, ShareGPT JSONL (some with a system turn)
@@ -118,14 +118,16 @@ def sample_scenes(rng: random.Random, size: int) -> list[Scene]:
     counts["train"] = size - sum(counts.values())
     splits = [s for s in ("train", "val", "test") for _ in range(counts[s])]
     seen: set[tuple[Shape, ...]] = set()
-    scenes = []
-    for index, split in enumerate(splits):
+    return [_new_scene(rng, seen, index, split) for index, split in enumerate(splits)]
+
+
+def _new_scene(rng: random.Random, seen: set[tuple[Shape, ...]], index: int, split: str) -> Scene:
+    """A scene unlike every scene in `seen` (which it joins), so no image repeats across splits."""
+    shapes = _random_shapes(rng)
+    while shapes in seen:
         shapes = _random_shapes(rng)
-        while shapes in seen:
-            shapes = _random_shapes(rng)
-        seen.add(shapes)
-        scenes.append(Scene(f"scene_{index:05d}", split, shapes))
-    return scenes
+    seen.add(shapes)
+    return Scene(f"scene_{index:05d}", split, shapes)
 
 
 def _random_shapes(rng: random.Random) -> tuple[Shape, ...]:
@@ -313,9 +315,18 @@ def _eval_records(rng: random.Random, scenes: list[Scene]) -> dict[str, list[dic
 
 
 def synthesize(
-    out_dir: str | Path, seed: int = 0, size: int = 2000, vocab_size: int = DEFAULT_VOCAB_SIZE
+    out_dir: str | Path,
+    seed: int = 0,
+    size: int = 2000,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    extra_test_scenes: int = 0,
 ) -> SynthSummary:
-    """Write the demo data set for `size` scenes (deterministic in `seed`); see the module docstring."""
+    """Write the demo data set for `size` scenes (deterministic in `seed`); see the module docstring.
+
+    `extra_test_scenes` more test scenes are drawn after everything else, so they add evaluation
+    rows (after the usual ones, which stay as they were) and leave every training record, image
+    and the tokenizer byte for byte as without them: a larger test set measures the same training.
+    """
     final_dir = Path(out_dir)
     # Built aside and swapped in: a rerun never mixes old and new files.
     with atomic_output_dir(final_dir, SUMMARY_FILE) as out_dir:
@@ -324,12 +335,18 @@ def synthesize(
         raw = out_dir / "raw"
         for split in SPLIT_FRACTIONS:
             (raw / "images" / split).mkdir(parents=True, exist_ok=True)
-        for scene in scenes:
-            render(scene).save(raw / scene.image_path, format="PNG")
         records = _training_records(rng, scenes)
         for stage, name in RAW_FILES.items():
             (write_jsonl if name.endswith(".jsonl") else write_json)(raw / name, records[stage])
         evals = _eval_records(rng, scenes)
+        # Drawn last: the draws above, so the training data, do not depend on their number.
+        seen = {scene.shapes for scene in scenes}
+        extra = [_new_scene(rng, seen, len(scenes) + i, "test") for i in range(extra_test_scenes)]
+        more = _eval_records(rng, extra)
+        evals = {name: rows + more[name] for name, rows in evals.items()}
+        scenes += extra
+        for scene in scenes:
+            render(scene).save(raw / scene.image_path, format="PNG")
         for name, rows in evals.items():
             write_jsonl(out_dir / "eval" / f"{name}.jsonl", rows)
         joint = records["stage4_joint"]

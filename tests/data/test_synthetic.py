@@ -105,3 +105,25 @@ def test_readme_demo_images_exist_in_the_set_its_synth_command_makes():
     named = set(re.findall(r"artifacts/data/demo/raw/(images/test/scene_\d+\.png)", readme))
     written = {s.image_path for s in sample_scenes(random.Random(0), size) if s.split == "test"}
     assert named and named <= written, named - written
+
+
+def test_extra_test_scenes_add_eval_rows_and_leave_the_training_data_unchanged(synth_dir, tmp_path):
+    more = tmp_path / "more"
+    summary = synthesize(more, seed=0, size=SYNTH_SIZE, extra_test_scenes=7)
+    before, after = file_digests(synth_dir), file_digests(more)
+    # every file of the plain run is byte-identical: records, images, tokenizer; eval files grow
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"eval/vqa_test.jsonl", "eval/describe_test.jsonl"}
+    new_images = set(after) - set(before)
+    assert len(new_images) == 7 and all(name.startswith("raw/images/test/") for name in new_images)
+    for name in changed:
+        old_rows = (synth_dir / name).read_text().splitlines()
+        new_rows = (more / name).read_text().splitlines()
+        assert new_rows[: len(old_rows)] == old_rows  # the usual rows first, unchanged
+        assert {json.loads(r)["image"] for r in new_rows[len(old_rows) :]} == new_images
+    digests = [
+        hashlib.sha256((more / n).read_bytes()).hexdigest() for n in after if n.startswith("raw/images/")
+    ]
+    assert len(set(digests)) == len(digests)  # no extra scene repeats an image of any split
+    plain = json.loads((synth_dir / "synth_summary.json").read_text())
+    assert summary["scenes_by_split"]["test"] == plain["scenes_by_split"]["test"] + 7
