@@ -339,7 +339,7 @@ def synthesize(
         for stage, name in RAW_FILES.items():
             (write_jsonl if name.endswith(".jsonl") else write_json)(raw / name, records[stage])
         evals = _eval_records(rng, scenes)
-        # Drawn last: the draws above, so the training data, do not depend on their number.
+        # Drawn after every other draw, so their number cannot change the training data.
         seen = {scene.shapes for scene in scenes}
         extra = [_new_scene(rng, seen, len(scenes) + i, "test") for i in range(extra_test_scenes)]
         more = _eval_records(rng, extra)
